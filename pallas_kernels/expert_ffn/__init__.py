@@ -1,0 +1,1 @@
+"""Grouped expert-FFN matmuls: reference, portable Pallas, Hopper Mosaic GPU, and the dispatching API."""

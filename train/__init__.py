@@ -1,0 +1,1 @@
+"""Training scripts: the MoE language model, routing traces and routing predictors."""
