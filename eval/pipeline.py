@@ -1,0 +1,369 @@
+"""The stages of the main job (`eval.run`): model -> traces -> predictors -> strategies -> report.
+
+Each stage reuses what an earlier run left in the output directory (a trained model, traces, trained
+predictors), so re-running after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxmoe import checkpoint, config as config_lib, generate as generate_lib
+from jaxmoe.offload import ExpertStore, OffloadEngine, strategies as strategies_lib
+from jaxmoe.offload.store import device_sharding
+from jaxmoe.predictor import data as traces_lib
+from jaxmoe.predictor import store as predictor_store
+from jaxmoe.predictor.training import train_predictor
+from eval import analytic, plots, report
+
+STRATEGIES = ("resident", "on_demand", "lru", "stream_all", "next_gate", "oracle", "learned")
+NOISY_RECALLS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+FAMILIES = ("token_mlp", "context", "cross_layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """Sizes of one main-job run (a preset gives the defaults; the command line overrides them)."""
+
+  preset: str  # model preset name (jaxmoe.config)
+  train_minutes: float  # wall-clock budget for training the model
+  trace_tokens: int  # tokens of training text whose routing is traced
+  trace_seq_len: int  # tokens per traced sequence
+  predictor_steps: int  # optimizer steps per predictor family
+  predictor_loss: str  # "bce", "rank", or "auto" (train both, keep the better on validation recall)
+  prompt_lengths: tuple[int, ...]  # prompts for time-to-first-token
+  new_tokens: int  # tokens generated per request
+  cache_fraction: float = 0.25  # device expert cache / all experts' bytes
+  strategies: tuple[str, ...] = STRATEGIES  # offload strategies to run
+  noisy_recalls: tuple[float, ...] = NOISY_RECALLS  # noisy-oracle sweep
+  profile: bool = True  # take a profiler trace of one run for the copy/compute overlap
+
+  def __post_init__(self):
+    if not 0 < self.cache_fraction <= 1:
+      raise ValueError(f"--cache-fraction must lie in (0, 1], got {self.cache_fraction}")
+    unknown = sorted(set(self.strategies) - set(strategies_lib.NAMES))
+    if unknown:
+      raise ValueError(f"unknown strategies {unknown}; choose from {strategies_lib.NAMES}")
+    if self.new_tokens < 2 or not self.prompt_lengths or min(self.prompt_lengths) < 1:
+      raise ValueError("need --new-tokens >= 2 and positive --prompt-lengths")
+
+
+RUN_PRESETS = {
+    "tiny": RunSettings("tiny", train_minutes=1.0, trace_tokens=8192, trace_seq_len=64, predictor_steps=150,
+                        predictor_loss="bce", prompt_lengths=(8, 32), new_tokens=8, noisy_recalls=(0.5, 1.0)),
+    "small": RunSettings("small", train_minutes=3.0, trace_tokens=65536, trace_seq_len=128,
+                         predictor_steps=600, predictor_loss="auto", prompt_lengths=(16, 128), new_tokens=24),
+    "gpu": RunSettings("gpu", train_minutes=2.5, trace_tokens=65536, trace_seq_len=256, predictor_steps=800,
+                       predictor_loss="auto", prompt_lengths=(16, 256, 768), new_tokens=32),
+}
+
+
+def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, prompt_lengths=None,
+                 new_tokens=None, train_minutes=None, profile=True) -> RunSettings:
+  """The preset's settings with the command line's overrides (None keeps the preset's value)."""
+  name = preset or ("gpu" if jax.default_backend() == "gpu" else "small")
+  s = RUN_PRESETS[name]
+  over: dict[str, Any] = {"profile": profile}
+  if cache_fraction is not None:
+    over["cache_fraction"] = cache_fraction
+  if strategies:
+    over["strategies"] = tuple(x.strip() for x in strategies.split(",") if x.strip())
+  if prompt_lengths:
+    over["prompt_lengths"] = tuple(int(x) for x in prompt_lengths.split(","))
+  if new_tokens is not None:
+    over["new_tokens"] = new_tokens
+  if train_minutes is not None:
+    over["train_minutes"] = train_minutes
+  return dataclasses.replace(s, **over)
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | None = None, log=print):
+  """(cfg, model, corpus dir or None, training summary or None)."""
+  if model_path:
+    path = Path(model_path)
+    if not path.exists():
+      raise FileNotFoundError(f"--model {model_path}: no such directory")
+    if (path / "config.json").exists() and "model_type" in json.loads((path / "config.json").read_text()):
+      from jaxmoe import hf
+      cfg, model = hf.from_pretrained(path)
+      return cfg, model, None, None
+    cfg, model = checkpoint.load_model(path)
+    summary = path / "summary.json"
+    return cfg, model, path if (path / "data").exists() else None, (
+        json.loads(summary.read_text()) if summary.exists() else None)
+  from train import train_model
+  run_dir = out / "model"
+  summary_path = run_dir / "summary.json"
+  if summary_path.exists():
+    log(f"[model] reusing the trained model in {run_dir}")
+    summary = json.loads(summary_path.read_text())
+  else:
+    log(f"[model] training the {s.preset} preset for at most {s.train_minutes:g} minutes")
+    settings = dataclasses.replace(train_model.train_settings(s.preset), max_minutes=s.train_minutes)
+    summary = train_model.train_and_evaluate(config_lib.preset(s.preset), run_dir, settings, data=data, log=log)
+  cfg, model = checkpoint.load_model(run_dir)
+  return cfg, model, run_dir, summary
+
+
+def corpus_tokens(cfg, corpus_dir: Path | None, split: str, n: int, seed: int) -> np.ndarray:
+  """[N] token ids of the run's tokenized corpus split (random ids when the model came without one)."""
+  path = corpus_dir / "data" / f"{split}_tokens.npy" if corpus_dir else None
+  if path and path.exists():
+    tokens = np.load(path).reshape(-1)
+    return tokens[:n] if len(tokens) >= n else np.resize(tokens, n)
+  return np.random.default_rng(seed).integers(0, cfg.vocab_size, n)
+
+
+def stage_traces(s: RunSettings, model, corpus_dir, out: Path, log=print) -> Path:
+  traces_dir = out / "traces"
+  if (traces_dir / "manifest.json").exists():
+    log(f"[traces] reusing {traces_dir}")
+    return traces_dir
+  cfg = model.cfg
+  seq_len = min(s.trace_seq_len, cfg.max_seq_len)
+  tokens = corpus_tokens(cfg, corpus_dir, "train", s.trace_tokens, seed=1)
+  rows, docs = traces_lib.token_rows(tokens, seq_len, max_rows=s.trace_tokens // seq_len)
+  log(f"[traces] tracing the routing of {rows.size:,} tokens")
+  traces_lib.collect_traces(model, traces_lib.batches(rows, docs, 8), str(traces_dir), hidden_layers="all",
+                            source={"corpus": str(corpus_dir), "model": s.preset},
+                            total=-(-len(rows) // 8))
+  return traces_dir
+
+
+def stage_predictors(s: RunSettings, traces_dir: Path, out: Path, log=print) -> list[str]:
+  dirs = []
+  for family in FAMILIES:
+    pred_dir = out / "predictors" / family
+    log(f"[predictors] {family}")
+    train_predictor(str(traces_dir), family, str(pred_dir), steps=s.predictor_steps, loss=s.predictor_loss,
+                    eval_every=max(25, s.predictor_steps // 6), warmup=min(100, s.predictor_steps // 10))
+    dirs.append(str(pred_dir))
+  return dirs
+
+
+def measure_h2d_bandwidth(store: ExpertStore, copies: int = 16) -> float:
+  """Bytes/s of back-to-back pinned-host -> device copies of whole expert buffers."""
+  device = device_sharding()
+  bufs = [store.buffer(i % store.cfg.n_layers, i % store.cfg.n_experts) for i in range(copies)]
+  jax.block_until_ready([jax.device_put(b, device) for b in bufs[:2]])  # warm up
+  t0 = time.perf_counter()
+  jax.block_until_ready([jax.device_put(b, device) for b in bufs])
+  return copies * store.expert_bytes / (time.perf_counter() - t0)
+
+
+def _request_row(name, stats, ref_tokens, ref_logits, tokens) -> dict[str, Any]:
+  row = {"name": name, **stats.summary()}
+  routed = sum(stats.hits) + sum(stats.misses)
+  row["hit_rate"] = sum(stats.hits) / routed if routed else 1.0
+  row["tokens_equal"] = bool(np.array_equal(tokens, ref_tokens))
+  row["max_abs_logit_diff"] = float(np.max(np.abs(stats.logits - ref_logits)))
+  return row
+
+
+def teacher_forced_nll(engine: OffloadEngine, seq: np.ndarray) -> float:
+  """Mean next-token NLL of seq [1, P + W] given its first P tokens, through the engine (prefill, then one
+  decode step per true token)."""
+  p = seq.shape[1] // 2
+  logits = [engine.prefill(seq[:, :p])]
+  for t in range(p, seq.shape[1] - 1):
+    logits.append(engine.decode(seq[:, t]))
+  lg = np.stack(logits, axis=1).astype(np.float64)  # [1, W, V]
+  lg = lg - lg.max(-1, keepdims=True)
+  logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+  targets = seq[:, p:]
+  return float(-np.mean(np.take_along_axis(logp, targets[..., None], -1)))
+
+
+def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, log=print) -> dict[str, Any]:
+  """Every strategy on held-out prompts: timings, bytes, hits, stalls, exactness, perplexity."""
+  cfg = model.cfg
+  store = ExpertStore.from_model(model)
+  cache_bytes = max(int(s.cache_fraction * store.nbytes), cfg.top_k * store.expert_bytes)
+  bandwidth = measure_h2d_bandwidth(store)
+  val = corpus_tokens(cfg, corpus_dir, "val", max(s.prompt_lengths) + s.new_tokens + 64, seed=2)
+  prompts = {p: val[None, :p].astype(np.int32) for p in s.prompt_lengths}
+  ppl_seq = val[None, :min(2 * s.new_tokens, cfg.max_seq_len)].astype(np.int32)
+  engines: dict[str, OffloadEngine] = {}
+
+  def engine(name, **kw) -> OffloadEngine:
+    if name == "resident":
+      return OffloadEngine(model, strategy="resident", store=store)
+    strategy = strategies_lib.make(name, n_experts=cfg.n_experts, predictor=predictor, **kw)
+    return OffloadEngine(model, cache_bytes=cache_bytes, strategy=strategy, store=store)
+
+  # The exact reference: every expert resident, whole-model jit. Also records each prompt's routing.
+  reference = {p: generate_lib.generate(model, prompt, s.new_tokens) for p, prompt in prompts.items()}
+  resident = engine("resident")
+  routing = {}
+  for p, prompt in prompts.items():  # warm-up (compiles every step shape) and the oracle's routing
+    resident.generate(prompt, s.new_tokens)
+    routing[p] = resident.stats.routing
+  rows = []
+  names = [n for n in s.strategies if n != "noisy_oracle"]
+  for name in tqdm(names, desc="strategies"):
+    per_prompt = []
+    for p, prompt in prompts.items():
+      kw = {"routing": routing[p]} if name == "oracle" else {}
+      eng = resident if name == "resident" else engine(name, **kw)
+      if name != "resident":
+        eng.generate(prompt, s.new_tokens)  # warm-up with this cache's shapes
+        eng.reset_cache()
+      tokens, stats = eng.generate(prompt, s.new_tokens)
+      per_prompt.append({"prompt_len": p, **_request_row(name, stats, reference[p].tokens,
+                                                         reference[p].logits, tokens)})
+      if p == min(prompts):
+        engines[name] = eng
+        last_stats = stats
+    first = per_prompt[0]
+    row = {**first, "ttft_s_by_prompt": {r["prompt_len"]: r["ttft_s"] for r in per_prompt},
+           "tokens_equal": all(r["tokens_equal"] for r in per_prompt),
+           "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in per_prompt),
+           "by_prompt": per_prompt, "timeline": last_stats.timeline()}
+    nll = teacher_forced_nll(engines[name], ppl_seq) if name in ("resident", "on_demand", "learned") else None
+    row["perplexity"] = None if nll is None else math.exp(nll)
+    rows.append(row)
+
+  p0 = min(prompts)
+  sweep = []
+  if s.noisy_recalls and any(n in s.strategies for n in ("oracle", "learned", "noisy_oracle")):
+    for r in tqdm(s.noisy_recalls, desc="noisy oracle"):
+      eng = engine("noisy_oracle", routing=routing[p0], recall=r, seed=0)
+      eng.generate(prompts[p0], s.new_tokens)
+      eng.reset_cache()
+      tokens, stats = eng.generate(prompts[p0], s.new_tokens)
+      sweep.append({"recall": r, **_request_row("noisy_oracle", stats, reference[p0].tokens,
+                                                reference[p0].logits, tokens)})
+  overlap = None
+  best = "learned" if "learned" in engines else next((n for n in engines if n != "resident"), None)
+  if s.profile and best and jax.default_backend() == "gpu":
+    overlap = profile_overlap(engines[best], prompts[p0], s.new_tokens, out / "trace")
+  return {"strategies": rows, "noisy_oracle_sweep": sweep, "bandwidth_bytes_per_s": bandwidth,
+          "cache_bytes": cache_bytes, "store_bytes": store.nbytes, "expert_bytes": store.expert_bytes,
+          "overlap": overlap, "profiled_strategy": best}
+
+
+def profile_overlap(eng: OffloadEngine, prompt, new_tokens: int, trace_dir: Path) -> dict[str, Any] | None:
+  """Copy/compute overlap from a jax.profiler trace of one request."""
+  from jaxmoe.offload import trace as trace_lib
+  eng.reset_cache()
+  jax.profiler.start_trace(str(trace_dir))
+  try:
+    eng.generate(prompt, new_tokens)
+  finally:
+    jax.profiler.stop_trace()
+  return trace_lib.overlap_from_trace(str(trace_dir))
+
+
+def stage_analytic(res: dict[str, Any], cfg, new_tokens: int) -> None:
+  """Set an analytic prediction beside each strategy's measured TTFT and per-token latency."""
+  rows = {r["name"]: r for r in res["strategies"]}
+  base = rows.get("resident")
+  if base is None:
+    return
+  bw, eb = res["bandwidth_bytes_per_s"], res["expert_bytes"]
+  for r in res["strategies"] + res["noisy_oracle_sweep"]:
+    copies = r.get("n_copies", 0)
+    total_bytes = r.get("bytes_copied", 0)
+    misses = sum(r.get("misses", []))
+    on_demand = min(total_bytes, misses * eb)
+    steps = max(1, new_tokens)
+    cost = analytic.StepCost(base["tpot_s"], (total_bytes - on_demand) / steps, on_demand / steps, bw)
+    r["predicted_tpot_s"] = cost.predicted_s
+    r["pcie_bound_tpot_s"] = cost.pcie_bound_s
+    r["model_gap"] = analytic.explain_gap(r["tpot_s"], cost.predicted_s, copies / steps, cfg.n_layers)
+
+
+def break_even(sweep: list[dict], target_tpot: float) -> float | None:
+  """The recall at which the noisy oracle's per-token latency falls to `target_tpot` (interpolated)."""
+  pts = sorted((p["recall"], p["tpot_s"]) for p in sweep)
+  for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
+    if (t0 - target_tpot) * (t1 - target_tpot) <= 0 and t0 != t1:
+      return r0 + (t0 - target_tpot) * (r1 - r0) / (t0 - t1)
+  if pts and pts[0][1] <= target_tpot:
+    return pts[0][0]  # already faster at the lowest recall swept
+  return None
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def run(s: RunSettings, out: Path, model_path: str | None = None, data: str | None = None,
+        log=print) -> dict[str, Any]:
+  """The whole main job; writes results.json, report.md and plots into `out` and returns the results."""
+  t0 = time.perf_counter()
+  out.mkdir(parents=True, exist_ok=True)
+  cfg, model, corpus_dir, train_summary = stage_model(s, out, model_path, data, log)
+  traces_dir = stage_traces(s, model, corpus_dir, out, log)
+  pred_dirs = stage_predictors(s, traces_dir, out, log)
+  from eval import compare_predictors
+  log("[predictors] comparing families and baselines")
+  comparison = compare_predictors.compare(str(traces_dir), pred_dirs, model=model)
+  token_rows = [r for r in comparison["rows"] if r["family"] in ("token_mlp", "context")]
+  best_family = max(token_rows, key=lambda r: r["recall_k_avg"])["family"]
+  predictor = predictor_store.load_predictor(str(out / "predictors" / best_family))
+  log(f"[strategies] learned = {best_family}; running {', '.join(s.strategies)}")
+  res = stage_strategies(s, model, corpus_dir, predictor, out, log)
+  stage_analytic(res, cfg, s.new_tokens)
+  rows = {r["name"]: r for r in res["strategies"]}
+  results = {
+      "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "commit": _commit(), "backend": jax.default_backend(),
+               "device": jax.devices()[0].device_kind, "platform": platform.platform(),
+               "jax": jax.__version__, "settings": dataclasses.asdict(s), "wall_s": None},
+      "model": {"config": cfg.to_dict(), "training": train_summary},
+      "predictors": comparison["rows"], "predictor_meta": comparison["meta"],
+      "learned_family": best_family, **res,
+      "break_even_recall": {b: break_even(res["noisy_oracle_sweep"], rows[b]["tpot_s"])
+                            for b in ("on_demand", "lru") if b in rows},
+  }
+  results["timeline"] = _timeline_for_plot(rows)
+  results["meta"]["wall_s"] = time.perf_counter() - t0
+  (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+  pngs = plots.write_all(results, out)
+  (out / "report.md").write_text(report.markdown(results, [p.name for p in pngs]))
+  return results
+
+
+def _timeline_for_plot(rows: dict[str, dict]) -> dict[str, Any] | None:
+  name = "learned" if "learned" in rows else next((n for n in rows if rows[n].get("timeline")), None)
+  if name is None:
+    return None
+  copies = [{"layer": c["layer"], "issue_s": c["issue_s"], "ready_s": c["ready_s"],
+             "prefetched": c["reason"] != "demand"} for c in rows[name]["timeline"] if c["ready_s"] is not None]
+  return {"strategy": name, "copies": copies, "compute": []}
+
+
+def _json_default(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, Path):
+    return str(x)
+  raise TypeError(f"not JSON-serialisable: {type(x)}")
+
+
+def summary_table(results: dict[str, Any]) -> str:
+  return report.summary_table(results)

@@ -1,0 +1,122 @@
+"""The main job's report: markdown answering the research questions from a results dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ms(x: float | None) -> str:
+  return "-" if x is None else f"{x * 1e3:.2f}"
+
+
+def _mb(x: float | None) -> str:
+  return "-" if x is None else f"{x / 2**20:.1f}"
+
+
+def _pct(x: float | None) -> str:
+  return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def strategy_table(results: dict[str, Any]) -> str:
+  rows = results["strategies"]
+  by = {r["name"]: r for r in rows}
+  lines = ["| strategy | exact | TTFT ms (by prompt) | per-token ms | predicted ms | e2e ms | tok/s | MiB copied "
+           "(useful / wasted) | hit rate | stall ms | vs on_demand | vs lru | vs resident |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    ttfts = " / ".join(f"{p}: {_ms(t)}" for p, t in r["ttft_s_by_prompt"].items())
+    speed = lambda base: f"{by[base]['tpot_s'] / r['tpot_s']:.2f}x" if base in by and r["tpot_s"] else "-"
+    lines.append(
+        f"| {r['name']} | {'yes' if r['tokens_equal'] else 'NO'} | {ttfts} | {_ms(r['tpot_s'])} | "
+        f"{_ms(r.get('predicted_tpot_s'))} | {_ms(r['e2e_s'])} | {r['tokens_per_s']:.1f} | "
+        f"{_mb(r['bytes_copied'])} ({_mb(r['bytes_useful'])} / {_mb(r['bytes_wasted'])}) | "
+        f"{_pct(r['hit_rate'])} | {_ms(sum(r['stall_s']))} | {speed('on_demand')} | {speed('lru')} | "
+        f"{speed('resident')} |")
+  return "\n".join(lines)
+
+
+def predictor_table(results: dict[str, Any]) -> str:
+  lines = ["| predictor | family | recall@k | recall@2k | params | us / step |", "|---|---|---|---|---|---|"]
+  for p in results.get("predictors", []):
+    lines.append(f"| {p['name']} | {p['family']} | {_pct(p.get('recall_k_avg'))} | {_pct(p.get('recall_2k_avg'))} "
+                 f"| {p.get('params', 0):,} | {p.get('us_per_step', float('nan')):.1f} |")
+  return "\n".join(lines)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+  """A short fixed-width table for the terminal."""
+  lines = [f"{'strategy':<14}{'exact':>6}{'TTFT ms':>10}{'tok ms':>9}{'tok/s':>9}{'MiB':>9}{'hit':>7}"]
+  for r in results["strategies"]:
+    lines.append(f"{r['name']:<14}{'yes' if r['tokens_equal'] else 'NO':>6}{r['ttft_s'] * 1e3:>10.2f}"
+                 f"{r['tpot_s'] * 1e3:>9.2f}{r['tokens_per_s']:>9.1f}{r['bytes_copied'] / 2**20:>9.1f}"
+                 f"{100 * r['hit_rate']:>6.0f}%")
+  return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any], pngs: list[str]) -> str:
+  m, s = results["meta"], results["meta"]["settings"]
+  cfg = results["model"]["config"]
+  rows = {r["name"]: r for r in results["strategies"]}
+  out = [f"# jaxmoe main-job report: preset `{s['preset']}`", "",
+         f"Date {m['date']}, commit `{m['commit']}`, backend {m['backend']} ({m['device']}), jax {m['jax']}; "
+         f"wall time {m['wall_s']:.0f} s.", "",
+         f"Model: {cfg['n_layers']} layers x {cfg['n_experts']} experts (top-{cfg['top_k']}, {cfg['activation']}), "
+         f"d_model {cfg['d_model']}, expert d_ff {cfg['d_ff']}. Expert cache: {_mb(results['cache_bytes'])} MiB of "
+         f"{_mb(results['store_bytes'])} MiB ({100 * s['cache_fraction']:.0f}%); one expert "
+         f"{_mb(results['expert_bytes'])} MiB; measured host->device bandwidth "
+         f"{results['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s.", ""]
+  train = results["model"].get("training") or {}
+  if train:
+    out += [f"Training: validation perplexity {train.get('val_ppl', float('nan')):.2f} against the unigram "
+            f"baseline {train.get('unigram_ppl', float('nan')):.2f}.", ""]
+  if results["meta"]["backend"] != "gpu":
+    out += ["**This run is on a CPU.** Its times show the engine's behaviour, not GPU speed: host and "
+            "\"device\" share one memory, so copies are cheap and the ranking of strategies can differ from "
+            "the GPU's. GPU figures are in `docs/BENCHMARKS.md` and `docs/results/`.", ""]
+
+  out += ["## 1. Which predictor is the most efficient?", "", predictor_table(results), "",
+          f"The engine's `learned` strategy uses the best token-driven family on validation recall@k: "
+          f"`{results['learned_family']}`. `cross_layer` and `next_gate` need the hidden state entering a "
+          f"layer, so they can only look a few layers ahead; token-driven families predict every layer "
+          f"before the step's compute is dispatched, which is what lets copies overlap compute.", ""]
+
+  out += ["## 2. Time per strategy", "", strategy_table(results), "",
+          "`exact`: the generated tokens equal those of the all-resident model "
+          f"(largest logit difference over all strategies: "
+          f"{max(r['max_abs_logit_diff'] for r in results['strategies']):.2e}). `predicted`: the analytic "
+          "model of `eval/analytic.py`, max(compute, prefetched bytes / bandwidth) + on-demand bytes / "
+          "bandwidth per token.", ""]
+  gaps = [f"- `{r['name']}`: {r['model_gap']}" for r in results["strategies"] if r.get("model_gap")]
+  if gaps:
+    out += ["Where measurement and model differ by more than 20%:", "", *gaps, ""]
+  ov = results.get("overlap")
+  if ov:
+    out += [f"Copy/compute overlap from a profiler trace of `{results['profiled_strategy']}`: "
+            f"{_pct(ov.get('overlap_fraction_of_copy'))} of copy time ran under compute "
+            f"(compute {ov.get('compute_ms', 0):.1f} ms, copies {ov.get('copy_ms', 0):.1f} ms, both "
+            f"{ov.get('overlap_ms', 0):.1f} ms).", ""]
+  else:
+    out += ["Copy/compute overlap: no profiler trace on this backend (the GPU run reports it).", ""]
+
+  out += ["## 3. Accuracy -> speedup", ""]
+  sweep = results.get("noisy_oracle_sweep") or []
+  if sweep and "on_demand" in rows:
+    out += ["| noisy-oracle recall | hit rate | per-token ms | speedup vs on_demand |", "|---|---|---|---|"]
+    for p in sweep:
+      out.append(f"| {p['recall']:.1f} | {_pct(p['hit_rate'])} | {_ms(p['tpot_s'])} | "
+                 f"{rows['on_demand']['tpot_s'] / p['tpot_s']:.2f}x |")
+    out.append("")
+    for base, r in results.get("break_even_recall", {}).items():
+      out.append(f"- Break-even recall against `{base}`: "
+                 + ("not reached in the sweep" if r is None else f"{r:.2f}"))
+    out.append("")
+
+  out += ["## 4. Quality", ""]
+  ppl = [(r["name"], r["perplexity"]) for r in results["strategies"] if r.get("perplexity")]
+  if ppl:
+    out += ["Teacher-forced perplexity on a held-out sequence through the engine: "
+            + ", ".join(f"`{n}` {p:.3f}" for n, p in ppl)
+            + ". Every strategy is exact, so they agree; no lossy mode is enabled.", ""]
+  if pngs:
+    out += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+  return "\n".join(out)

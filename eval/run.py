@@ -1,0 +1,56 @@
+"""The main job: train (or reuse) a model, learn its routing, run every offload strategy, write the report.
+
+  python -m eval.run                         # the embedded default on this machine (CPU: small, GPU: gpu)
+  python -m eval.run --preset tiny --out /tmp/r
+  python -m eval.run --model runs/small/model --strategies on_demand,lru,learned --cache-fraction 0.5
+
+Writes OUT/results.json, OUT/report.md and PNG plots, and prints the summary table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from eval import pipeline
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default=None, choices=sorted(pipeline.RUN_PRESETS),
+                 help="model and run sizes (default: gpu on a GPU, small otherwise)")
+  p.add_argument("--model", default=None,
+                 help="use this model instead of training one: a run directory of train.train_model, an "
+                      "Orbax checkpoint directory, or a Hugging Face checkpoint directory")
+  p.add_argument("--data", default=None,
+                 help="training text for the model: a directory or file (.txt .md .rst .py .jsonl) or a saved "
+                      "datasets directory (default: this Python's standard library source)")
+  p.add_argument("--cache-fraction", type=float, default=None,
+                 help="device expert cache as a fraction of all experts' bytes (default 0.25)")
+  p.add_argument("--strategies", default=None,
+                 help=f"comma-separated offload strategies (default: all of {','.join(pipeline.STRATEGIES)})")
+  p.add_argument("--prompt-lengths", default=None,
+                 help="comma-separated prompt lengths in tokens for the time-to-first-token runs")
+  p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request")
+  p.add_argument("--train-minutes", type=float, default=None,
+                 help="wall-clock budget for training the model (default: the preset's)")
+  p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
+  p.add_argument("--no-trace", action="store_true", help="skip the profiler trace (copy/compute overlap)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  a = parse_args(argv)
+  settings = pipeline.settings_for(a.preset, cache_fraction=a.cache_fraction, strategies=a.strategies,
+                                   prompt_lengths=a.prompt_lengths, new_tokens=a.new_tokens,
+                                   train_minutes=a.train_minutes, profile=not a.no_trace)
+  out = Path(a.out or f"runs/{settings.preset}")
+  results = pipeline.run(settings, out, model_path=a.model, data=a.data)
+  print(pipeline.summary_table(results))
+  print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and plots")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,51 @@
+"""The main job end to end on the tiny preset: every strategy runs, is exact, and the files are written."""
+
+import json
+
+import pytest
+
+from eval import run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  d = tmp_path_factory.mktemp("corpus")
+  words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "print", "value", "None"]
+  for i in range(24):
+    lines = [" ".join(words[(i * 7 + j * k) % len(words)] for k in range(8)) for j in range(60)]
+    (d / f"doc{i}.py").write_text("\n".join(lines))
+  return d
+
+
+@pytest.mark.slow
+def test_main_job_tiny_end_to_end(tmp_path, corpus):
+  out = tmp_path / "run"
+  assert run.main(["--preset", "tiny", "--data", str(corpus), "--out", str(out), "--no-trace"]) == 0
+  results = json.loads((out / "results.json").read_text())
+  names = [r["name"] for r in results["strategies"]]
+  assert names == ["resident", "on_demand", "lru", "stream_all", "next_gate", "oracle", "learned"]
+  for r in results["strategies"] + results["noisy_oracle_sweep"]:
+    assert r["tokens_equal"], r["name"]
+    assert r["max_abs_logit_diff"] == 0.0, r["name"]  # same kernels: bitwise
+    assert r["ttft_s"] > 0 and r["tpot_s"] > 0
+  rows = {r["name"]: r for r in results["strategies"]}
+  assert rows["resident"]["bytes_copied"] == 0
+  assert rows["on_demand"]["hit_rate"] == 0.0  # nothing is kept or prefetched
+  assert rows["oracle"]["bytes_wasted"] == 0  # the oracle prefetches only what is routed
+  families = {p["family"] for p in results["predictors"]}
+  assert {"popularity", "next_gate", "token_mlp", "context", "cross_layer"} <= families
+  report = (out / "report.md").read_text()
+  for section in ("1. Which predictor", "2. Time per strategy", "3. Accuracy", "4. Quality"):
+    assert section in report
+  assert (out / "latency.png").stat().st_size > 0 and (out / "speedup_vs_recall.png").exists()
+  # a second run reuses the trained model, traces and predictors
+  assert run.main(["--preset", "tiny", "--out", str(out), "--no-trace", "--strategies", "resident"]) == 0
+
+
+def test_bad_arguments_are_refused(tmp_path):
+  with pytest.raises(ValueError, match="cache-fraction"):
+    run.main(["--preset", "tiny", "--cache-fraction", "1.5", "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match="unknown strategies"):
+    run.main(["--preset", "tiny", "--strategies", "magic", "--out", str(tmp_path)])
+  with pytest.raises(FileNotFoundError, match="no such directory"):
+    run.main(["--preset", "tiny", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
