@@ -34,7 +34,7 @@ class HopperTiles:
   wg_tile_n: int = 128  # columns per compute warpgroup (per matrix for GLU); CTA tile is 2x this
   tile_k: int = 64  # K step of the TMA pipeline (64 bf16 = one 128-byte swizzle row)
   max_concurrent_steps: int = 4  # pipeline stages in shared memory
-  grid_tile_width: int = 8  # CTA-tile columns visited before moving down the rows (L2 reuse)
+  grid_tile_width: int = 4  # CTA-tile columns visited before moving down the rows (L2 reuse)
   epi_tile_n: int = 64  # columns per epilogue store (64 bf16 = 128-byte rows, TMA-aligned at any row)
 
   def __post_init__(self):

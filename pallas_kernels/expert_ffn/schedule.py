@@ -20,8 +20,8 @@ EXPERT, ROW_BLOCK, ROW_LO, ROW_HI = range(4)
 class TileSchedule:
   """Per-tile metadata for a grid of `max_tiles` row tiles; tiles >= num_tiles do nothing.
 
-  Row tiles are aligned to multiples of `tile_m` in the global row order: a tile whose block straddles
-  a group boundary appears once per group, each copy writing only its own rows [lo, hi).
+  Row tiles are aligned to multiples of `tile_m` in the global row order: a block that straddles a
+  group boundary appears once per group, each copy writing only its own rows [lo, hi).
   """
 
   tiles: jax.Array  # [max_tiles, 4] int32: expert, row block, first row, one past the last row
@@ -45,8 +45,9 @@ def make_schedule(group_sizes, rhs_index, num_rows: int, tile_m: int) -> TileSch
   """group_sizes [G] (rows sorted by group), rhs_index [G] or None -> TileSchedule."""
   num_groups = group_sizes.shape[0]
   sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-  ends = jnp.minimum(jnp.cumsum(sizes), num_rows)  # rows past num_rows do not exist
-  starts = jnp.minimum(ends - sizes, num_rows)
+  cumulative = jnp.cumsum(sizes)
+  ends = jnp.minimum(cumulative, num_rows)  # rows past num_rows do not exist
+  starts = jnp.minimum(cumulative - sizes, num_rows)
   sizes = ends - starts
   first_block = starts // tile_m
   last_block = jnp.maximum(ends - 1, 0) // tile_m
@@ -56,7 +57,8 @@ def make_schedule(group_sizes, rhs_index, num_rows: int, tile_m: int) -> TileSch
 
   max_tiles = max_row_tiles(num_rows, num_groups, tile_m)
   t = jnp.arange(max_tiles, dtype=jnp.int32)
-  group = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right"), num_groups - 1)
+  group = jnp.searchsorted(tile_ends, t, side="right", method="compare_all")
+  group = jnp.minimum(group, num_groups - 1)
   block = first_block[group] + t - (tile_ends[group] - counts[group])
   lo = jnp.maximum(starts[group], block * tile_m)
   hi = jnp.minimum(ends[group], block * tile_m + tile_m)
@@ -64,4 +66,5 @@ def make_schedule(group_sizes, rhs_index, num_rows: int, tile_m: int) -> TileSch
   live = t < num_tiles
   tiles = jnp.stack([jnp.where(live, expert, 0), jnp.where(live, block, 0),
                      jnp.where(live, lo, 0), jnp.where(live, hi, 0)], axis=1)
-  return TileSchedule(tiles=tiles.astype(jnp.int32), num_tiles=num_tiles.reshape(1).astype(jnp.int32))
+  return TileSchedule(tiles=tiles.astype(jnp.int32),
+                      num_tiles=num_tiles.reshape(1).astype(jnp.int32))
