@@ -120,9 +120,10 @@ def small() -> MoEConfig:
 
 
 def gpu() -> MoEConfig:
-  """Trains in minutes on one H200; offloaded, its 12 x 32 experts make PCIe the bottleneck."""
-  return MoEConfig(vocab_size=8192, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64,
-                   d_ff=2048, n_experts=32, top_k=2, max_seq_len=1024, dtype="bfloat16",
+  """Trains in ~3 minutes on one H200 (0.94 B parameters, 0.18 B active per token); offloaded, its
+  12 x 32 experts (4.7 MB each in bf16) make PCIe the bottleneck."""
+  return MoEConfig(vocab_size=8192, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64,
+                   d_ff=1024, n_experts=32, top_k=2, max_seq_len=1024, dtype="bfloat16",
                    param_dtype="float32")
 
 
