@@ -1,0 +1,416 @@
+"""OffloadEngine: exact layer-by-layer prefill and decode with experts offloaded to host memory.
+
+Per step (prefill or one decode token):
+  1. the strategy plans the step; the prefetcher issues those copies before any compute is dispatched
+  2. per layer: attention + router (jitted); the router's expert ids are read on the host (the one
+     small device->host sync per layer); copies for misses are issued, then copies for later layers,
+     then the expert FFN (jitted, reading the slot pool through `rhs_index`) and combine are dispatched
+  3. logits of the last position -> next token
+The `resident` strategy keeps every expert on the device and needs no per-layer sync.
+The true router always decides what is computed: tokens and logits equal `jaxmoe.generate.generate`
+(bitwise in f32; in bf16 up to the excess precision XLA may keep inside the reference's single jit,
+which `--xla_allow_excess_precision=false` removes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe import moe
+from jaxmoe.generate import check_prompt, select_token
+from jaxmoe.model import LayerCache, MoELM, init_cache
+from jaxmoe.offload import strategies
+from jaxmoe.offload.cache import CopyRecord, ExpertCache, resident_pools
+from jaxmoe.offload.prefetch import Prefetcher
+from jaxmoe.offload.store import ExpertStore, device_sharding
+
+
+# ---------------------------------------------------------------- jitted per-layer functions
+
+@jax.jit
+def _embed(graphdef, placeholder, head, tokens):
+  return nnx.merge(graphdef, placeholder, head).embed_tokens(tokens)  # [B, T, D]
+
+
+@jax.jit
+def _last_logits(graphdef, placeholder, head, x):
+  return nnx.merge(graphdef, placeholder, head).logits(x)[:, -1]  # [B, V] f32
+
+
+@functools.partial(jax.jit, donate_argnames="layer_cache")
+def _attend_route(graphdef, placeholder, state, speculative, x, positions, layer_cache, pos):
+  """Attention and router of one layer; also the routers of later layers (`speculative` states) on
+  this layer's hidden state. -> x [B, T, D], h [B*T, D], experts [B*T, k], weights [B*T, k],
+  layer cache, speculated experts [depth, B*T, k]."""
+  layer = nnx.merge(graphdef, placeholder, state)
+  x, layer_cache = layer.attend(x, positions, layer_cache, pos)
+  b, t, d = x.shape
+  h = layer.ffn_norm(x).reshape(b * t, d)
+  r = layer.moe.route(h)
+  guesses = []
+  for later in speculative:
+    ahead = nnx.merge(graphdef, placeholder, later)
+    guesses.append(ahead.moe.route(ahead.ffn_norm(x).reshape(b * t, d)).experts)
+  speculated = jnp.stack(guesses) if guesses else jnp.zeros((0, b * t, r.experts.shape[1]), jnp.int32)
+  return x, h, r.experts, r.weights, layer_cache, speculated
+
+
+def _expert_rows(cfg, pools, rhs_index, h, experts):
+  d = moe.dispatch(experts, cfg.n_experts)
+  return d, moe.expert_ffn(h[d.token_of_row], pools, d.group_sizes, cfg.activation,
+                           rhs_index=rhs_index, impl=cfg.kernel_impl)
+
+
+def _finish(layer, y_rows, d, weights, h, x):
+  """combine + shared expert + residual, in the model's order of operations."""
+  y = moe.combine(y_rows, d, weights) + layer.moe.shared(h)
+  return x + y.reshape(x.shape)
+
+
+@jax.jit
+def _layer_ffn(graphdef, placeholder, state, pools, rhs_index, h, x, experts, weights):
+  """The MoE FFN of one layer on pools {name: [S, ...]} (group e reads slot rhs_index[e])."""
+  layer = nnx.merge(graphdef, placeholder, state)
+  d, y_rows = _expert_rows(layer.moe.cfg, pools, rhs_index, h, experts)
+  return _finish(layer, y_rows, d, weights, h, x)
+
+
+@jax.jit
+def _chunk_rows(graphdef, placeholder, state, pools, rhs_index, in_chunk, h, experts, y_rows):
+  """Expert rows of the experts in `in_chunk` [E] (the others keep y_rows [B*T*k, D]): a layer whose
+  routed experts do not fit in the cache at once runs in chunks."""
+  cfg = nnx.merge(graphdef, placeholder, state).moe.cfg
+  d, new_rows = _expert_rows(cfg, pools, rhs_index, h, experts)
+  keep = in_chunk[experts.reshape(-1)[d.order]]
+  return jnp.where(keep[:, None], new_rows, y_rows)
+
+
+@jax.jit
+def _layer_finish(graphdef, placeholder, state, y_rows, h, x, experts, weights):
+  layer = nnx.merge(graphdef, placeholder, state)
+  return _finish(layer, y_rows, moe.dispatch(experts, layer.moe.cfg.n_experts), weights, h, x)
+
+
+# ---------------------------------------------------------------- statistics
+
+@dataclasses.dataclass
+class OffloadStats:
+  """What one request cost. Times in seconds; copy times relative to the request's start."""
+
+  ttft_s: float = 0.0  # prompt in -> first token on the host
+  token_latencies_s: list[float] = dataclasses.field(default_factory=list)  # per decoded token
+  e2e_s: float = 0.0  # whole request
+  n_generated: int = 0  # tokens generated per sequence
+  batch: int = 0
+  hits: list[int] = dataclasses.field(default_factory=list)  # [L] routed experts found cached
+  misses: list[int] = dataclasses.field(default_factory=list)  # [L] routed experts fetched on demand
+  stall_s: list[float] = dataclasses.field(default_factory=list)  # [L] host waits for copies
+  copies: list[CopyRecord] = dataclasses.field(default_factory=list)  # issue/ready, this request
+  routing: list[list[list[int]]] = dataclasses.field(default_factory=list)  # [step][layer] experts
+  logits: np.ndarray | None = None  # [B, N, V] f32 of the generated tokens
+  start_s: float = 0.0  # perf_counter at the request's start
+
+  @property
+  def tpot_s(self) -> float:
+    """Mean time per output token after the first."""
+    return float(np.mean(self.token_latencies_s)) if self.token_latencies_s else 0.0
+
+  @property
+  def tokens_per_s(self) -> float:
+    return self.batch * self.n_generated / self.e2e_s if self.e2e_s else 0.0
+
+  @property
+  def bytes_copied(self) -> int:
+    return sum(c.nbytes for c in self.copies)
+
+  @property
+  def bytes_useful(self) -> int:
+    return sum(c.nbytes for c in self.copies if c.used)
+
+  @property
+  def bytes_wasted(self) -> int:
+    return self.bytes_copied - self.bytes_useful
+
+  def timeline(self) -> list[dict[str, Any]]:
+    """Per copy: layer, expert, step, reason, issue and ready time since the request started."""
+    return [{"layer": c.layer, "expert": c.expert, "step": c.step, "reason": c.reason,
+             "issue_s": c.issue_s - self.start_s,
+             "ready_s": None if c.ready_s is None else c.ready_s - self.start_s, "used": c.used}
+            for c in self.copies]
+
+  def summary(self) -> dict[str, Any]:
+    """JSON-ready numbers (no logits, no per-copy timeline)."""
+    return {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s,
+            "tokens_per_s": self.tokens_per_s, "bytes_copied": self.bytes_copied,
+            "bytes_useful": self.bytes_useful, "bytes_wasted": self.bytes_wasted,
+            "hits": list(self.hits), "misses": list(self.misses), "stall_s": list(self.stall_s),
+            "n_copies": len(self.copies)}
+
+
+# ---------------------------------------------------------------- the engine
+
+def _is_expert_weight(path, _value) -> bool:
+  return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("w_gate", "w_up", "w_down")
+
+
+def _is_layer(path, _value) -> bool:
+  return path[0] == "layers"
+
+
+def _zero_size(state):
+  return jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), state)
+
+
+class OffloadEngine:
+  """Exact MoE generation with experts in an `ExpertStore` and a device `ExpertCache` of
+  `cache_bytes`. `strategy` is a name from `strategies.NAMES` or a `strategies.Strategy`;
+  `predictor` serves the `learned` strategy; `issue` ("main" or "thread") is how prefetch copies
+  are issued (`jaxmoe.offload.prefetch`)."""
+
+  def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
+               strategy: str | strategies.Strategy = "lru", predictor=None,
+               store: ExpertStore | None = None, device: jax.Device | None = None,
+               issue: str = "main"):
+    cfg = model.cfg
+    self.cfg = cfg
+    if isinstance(strategy, str):
+      strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
+    self.strategy = strategy
+    self.store = store if store is not None else ExpertStore.from_model(model, device)
+    if self.store.cfg != cfg:
+      raise ValueError("the expert store was built for another config")
+
+    # Device arguments are all committed to one sharding (host ones are numpy), so each function
+    # compiles once per shape.
+    self._sharding = device_sharding(device or self.store.device)
+    # Non-expert parameters only: expert weights are replaced by zero-size placeholders.
+    self._head_graph, layers_state, head = nnx.split(model, _is_layer, ...)
+    self._head = self._put(head)
+    self._head_placeholder = self._put(_zero_size(layers_state))
+    self._layer_states = []
+    for layer in model.layers:
+      self._layer_graph, experts_state, rest = nnx.split(layer, _is_expert_weight, ...)
+      self._layer_placeholder = self._put(_zero_size(experts_state))
+      self._layer_states.append(self._put(rest))
+
+    self.cache: ExpertCache | None = None
+    self.prefetcher: Prefetcher | None = None
+    self._resident: list[dict[str, jax.Array]] | None = None
+    if strategy.resident:
+      if cache_bytes is not None and cache_bytes < self.store.nbytes:
+        raise ValueError(f"the resident strategy needs every expert on the device "
+                         f"({self.store.nbytes} bytes), got cache_bytes={cache_bytes}")
+      self._resident = resident_pools(self.store, device)
+    else:
+      if cache_bytes is None:
+        raise ValueError(f"strategy {strategy.name!r} needs cache_bytes (the device expert budget)")
+      self.cache = ExpertCache(self.store, cache_bytes, strategy.eviction, device)
+      self.prefetcher = Prefetcher(self.store, self.cache, device, issue)
+
+    self._kv: list[LayerCache] = []
+    self._pos = 0
+    self._step = 0
+    self._history = np.zeros((0, 0), np.int32)
+    self._plan: list[list[int]] = []
+    self._unread_routing: list[list[jax.Array]] = []  # resident: [step][layer] experts [B*T, k]
+    self.stats = OffloadStats()
+
+  def _put(self, tree):
+    return jax.device_put(tree, self._sharding)
+
+  # -------------------------------------------------------------- public API
+
+  def prefill(self, tokens) -> np.ndarray:
+    """Start a request with prompt tokens [B, T]; returns the last position's logits [B, V] f32."""
+    logits = np.asarray(self._prefill(self._check(tokens, 1)))
+    self._read_resident_routing()
+    return logits
+
+  def decode(self, tokens) -> np.ndarray:
+    """Feed one new token per sequence [B]; returns its logits [B, V] f32."""
+    tokens = np.asarray(tokens, np.int32).reshape(-1, 1)
+    if tokens.shape[0] != self._history.shape[0]:
+      raise ValueError(f"decode needs {self._history.shape[0]} tokens (one per sequence), got "
+                       f"{tokens.shape[0]}; call prefill first")
+    logits = np.asarray(self._decode(tokens))
+    self._read_resident_routing()
+    return logits
+
+  def generate(self, tokens, max_new_tokens: int, *, temperature: float = 0.0,
+               seed: int = 0) -> tuple[np.ndarray, OffloadStats]:
+    """Generate like `jaxmoe.generate.generate`: -> (tokens [B, T + N], stats with logits [B, N, V])."""
+    prompt = self._check(tokens, max_new_tokens)
+    key = jax.random.key(seed)
+    start = time.perf_counter()
+    step_key = lambda step: None if temperature == 0.0 else jax.random.fold_in(key, step)
+    logits = self._prefill(prompt, start)
+    token = np.asarray(select_token(logits, temperature, step_key(0)))
+    self.stats.ttft_s = time.perf_counter() - start
+    all_logits, new = [np.asarray(logits)], [token]
+    for step in range(1, max_new_tokens):
+      t0 = time.perf_counter()
+      logits = self._decode(token[:, None])
+      token = np.asarray(select_token(logits, temperature, step_key(step)))
+      self.stats.token_latencies_s.append(time.perf_counter() - t0)
+      all_logits.append(np.asarray(logits))
+      new.append(token)
+    self.stats.e2e_s = time.perf_counter() - start
+    self.stats.n_generated = max_new_tokens
+    self.stats.logits = np.stack(all_logits, axis=1)
+    self._read_resident_routing()
+    if self.prefetcher is not None:
+      self.prefetcher.drain()  # every copy time-stamped
+    return np.concatenate([prompt, np.stack(new, axis=1)], axis=1), self.stats
+
+  def reset_cache(self):
+    """Forget every cached expert (the next request starts cold)."""
+    if self.cache is not None:
+      self.prefetcher.drain()
+      self.cache.clear()
+
+  def close(self):
+    """Stop the copy watcher thread."""
+    if self.prefetcher is not None:
+      self.prefetcher.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # -------------------------------------------------------------- steps
+
+  def _check(self, tokens, max_new_tokens: int) -> np.ndarray:
+    return check_prompt(tokens, max_new_tokens, self.cfg.max_seq_len, self.cfg.vocab_size)
+
+  def _prefill(self, prompt: np.ndarray, start: float | None = None) -> jax.Array:
+    cfg = self.cfg
+    b = prompt.shape[0]
+    # distinct buffers per layer and for k and v: each is donated to its layer's attention
+    self._kv = [self._put(LayerCache(jnp.zeros_like(c.k), jnp.zeros_like(c.v)))
+                for c in init_cache(cfg, b).layers]
+    self._pos, self._step, self._history = 0, 0, prompt
+    self._unread_routing = []
+    self.stats = OffloadStats(hits=[0] * cfg.n_layers, misses=[0] * cfg.n_layers,
+                              stall_s=[0.0] * cfg.n_layers, batch=b,
+                              start_s=time.perf_counter() if start is None else start)
+    if self.prefetcher is not None:
+      self.prefetcher.drain()
+      self.prefetcher.records = self.stats.copies  # copy records are kept per request
+    return self._run_step(prompt)
+
+  def _decode(self, tokens: np.ndarray) -> jax.Array:
+    if self._pos + 1 > self.cfg.max_seq_len:
+      raise ValueError(f"the KV cache is full (max_seq_len={self.cfg.max_seq_len})")
+    self._step += 1
+    self._history = np.concatenate([self._history, tokens], axis=1)
+    return self._run_step(tokens)
+
+  def _run_step(self, tokens: np.ndarray) -> jax.Array:
+    """One forward step over new tokens [B, T] at the current position -> last logits [B, V]."""
+    cfg = self.cfg
+    b, t = tokens.shape
+    if self.cache is not None:
+      self.prefetcher.step = self._step
+      plan = self.strategy.plan_step(self._history, t, self._step, self.cache.n_slots, cfg.n_layers)
+      self._plan = [list(experts) for experts in plan] if plan else [[] for _ in range(cfg.n_layers)]
+      self._prefetch(first_layer=0, pinned=())
+    # small host inputs go to the jitted functions as numpy (transferred with the call)
+    pos = np.int32(self._pos)
+    positions = np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t))
+    x = _embed(self._head_graph, self._head_placeholder, self._head, tokens)
+    routed = []
+    for layer in range(cfg.n_layers):
+      depth = self.strategy.speculation_depth
+      ahead = tuple(self._layer_states[layer + 1:layer + 1 + depth])
+      x, h, experts, weights, self._kv[layer], speculated = _attend_route(
+          self._layer_graph, self._layer_placeholder, self._layer_states[layer], ahead, x, positions,
+          self._kv[layer], pos)
+      if self._resident is not None:
+        x = _layer_ffn(self._layer_graph, self._layer_placeholder, self._layer_states[layer],
+                       self._resident[layer], None, h, x, experts, weights)
+        routed.append(experts)
+      else:
+        x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
+    logits = _last_logits(self._head_graph, self._head_placeholder, self._head, x)
+    if self._resident is not None:
+      self._unread_routing.append(routed)
+    self._pos += t
+    return logits
+
+  def _read_resident_routing(self):
+    """Routing of the resident model's steps, read once the request (or call) is over, so decoding
+    never waits for it."""
+    for routed in jax.device_get(self._unread_routing):
+      step_routing = [sorted(set(e.reshape(-1).tolist())) for e in routed]
+      self.stats.routing.append(step_routing)
+      for layer, experts in enumerate(step_routing):
+        self.stats.hits[layer] += len(experts)
+    self._unread_routing = []
+
+  def _offloaded_ffn(self, layer: int, x, h, experts, weights, speculated) -> jax.Array:
+    """Make the routed experts of `layer` resident (exact: misses fetched now), prefetch for later
+    layers, then dispatch the expert FFN on the slot pool."""
+    cache, stats = self.cache, self.stats
+    routed, speculated = jax.device_get((experts, speculated))  # the per-layer host sync
+    needed = sorted(set(routed.reshape(-1).tolist()))
+    if layer == 0:
+      stats.routing.append([])
+    stats.routing[-1].append(needed)
+    # cached experts first; more than the cache holds at once -> chunks streamed through it
+    needed_order = sorted(needed, key=lambda e: not cache.is_cached(layer, e))
+    chunks = [needed_order[i:i + cache.n_slots] for i in range(0, len(needed_order), cache.n_slots)]
+    # copies first (the device queue is empty now), then the writes of copies that already landed
+    hits, misses = cache.ensure_resident(layer, chunks[0], self.prefetcher.copy)
+    for later, guess in self.strategy.plan_layer(layer, speculated).items():
+      if later < self.cfg.n_layers:
+        self._plan[later] = list(dict.fromkeys(guess + self._plan[later]))
+    self._prefetch(first_layer=layer + 1, pinned=[(layer, e) for e in needed])
+    cache.land_ready()
+    stall = cache.wait_resident(layer, chunks[0])
+    args = (self._layer_graph, self._layer_placeholder, self._layer_states[layer])
+    if len(chunks) == 1:
+      x = _layer_ffn(*args, cache.pools, cache.rhs_index(layer, needed), h, x, experts, weights)
+      cache.mark_used(layer, needed)
+    else:
+      y_rows = self._put(np.zeros((experts.size, h.shape[-1]), h.dtype))
+      for i, chunk in enumerate(chunks):
+        if i:
+          chunk_hits, chunk_misses = cache.ensure_resident(layer, chunk, self.prefetcher.copy)
+          hits, misses = hits + chunk_hits, misses + chunk_misses
+          stall += cache.wait_resident(layer, chunk)
+        in_chunk = np.zeros((self.cfg.n_experts,), bool)
+        in_chunk[chunk] = True
+        y_rows = _chunk_rows(*args, cache.pools, cache.rhs_index(layer, chunk), in_chunk, h, experts,
+                             y_rows)
+        cache.mark_used(layer, chunk)
+      x = _layer_finish(*args, y_rows, h, x, experts, weights)
+    if not self.strategy.keeps_experts:
+      cache.forget(layer, needed)
+    stats.hits[layer] += hits
+    stats.misses[layer] += misses
+    stats.stall_s[layer] += stall
+    return x
+
+  def _prefetch(self, first_layer: int, pinned):
+    """Issue the plan's copies for layers >= first_layer (`pinned` experts are never evicted)."""
+    n_layers = self.cfg.n_layers
+    items = [(layer, e) for layer in range(first_layer, n_layers) for e in self._plan[layer]]
+    now = self._step * n_layers + first_layer
+    next_use = {}
+    for offset, step_plan in enumerate(self.strategy.future(self._step), start=1):
+      for layer, experts in enumerate(step_plan):
+        for e in experts:
+          next_use.setdefault((layer, e), (self._step + offset) * n_layers + layer)
+    next_use.update({(layer, e): self._step * n_layers + layer for layer, e in items})
+    self.cache.set_plan(now, next_use)
+    self.prefetcher.prefetch(items, set(pinned))

@@ -1,0 +1,109 @@
+"""Prefetcher: issues host-to-device expert copies in plan order and records when each was issued and
+when it landed.
+
+Issue model: a `device_put` only overlaps device work dispatched *after* it (it is ordered behind
+everything already queued). The engine therefore calls `prefetch` at points where the device queue is
+empty (step start, and right after each layer's router output has been read on the host) and before it
+dispatches the compute the copies should hide behind. With `issue="main"` (the default) prefetch
+copies are issued from the calling thread; with `issue="thread"` one issue thread, started with the
+prefetcher, runs the `device_put`s while the caller goes on dispatching compute (the ordering rule's
+other way out; the bench compares both). Demand copies are always issued at once by the caller. A
+watcher thread only waits on copies to time-stamp their arrival.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+import time
+from typing import AbstractSet, Iterable
+
+import jax
+
+from jaxmoe.offload.cache import CopyRecord, ExpertCache, Key, Staged, resolve
+from jaxmoe.offload.store import ExpertStore, device_sharding
+
+
+ISSUE_MODES = ("main", "thread")
+
+
+class Prefetcher:
+  """Copies experts from an `ExpertStore` into an `ExpertCache`; `records` lists every copy."""
+
+  def __init__(self, store: ExpertStore, cache: ExpertCache, device: jax.Device | None = None,
+               issue: str = "main"):
+    if issue not in ISSUE_MODES:
+      raise ValueError(f"issue must be one of {ISSUE_MODES}, got {issue!r}")
+    self.store = store
+    self.cache = cache
+    self.step = 0  # stamped on records; the engine advances it
+    self.records: list[CopyRecord] = []
+    self._sharding = device_sharding(device or store.device)
+    self._arrivals: queue.Queue = queue.Queue()
+    self._watcher = threading.Thread(target=self._watch, name="expert-copy-watcher", daemon=True)
+    self._watcher.start()
+    self._issuer = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-copy-issue")
+                    if issue == "thread" else None)
+    if self._issuer is not None:
+      self._issuer.submit(lambda: None).result()  # start the issue thread now, not mid-step
+
+  def _watch(self):
+    while True:
+      item = self._arrivals.get()
+      if item is None:
+        self._arrivals.task_done()
+        return
+      record, staged = item
+      resolve(staged).block_until_ready()
+      record.ready_s = time.perf_counter()
+      del staged, item
+      self._arrivals.task_done()
+
+  def copy(self, layer: int, expert: int, reason: str, now: bool = True) -> tuple[Staged, CopyRecord]:
+    """Issue one expert copy (now, or on the issue thread if `now` is False and there is one);
+    returns the device buffer [P] in flight (or its future) and its record."""
+    record = CopyRecord(layer, expert, self.step, reason, self.store.expert_bytes, time.perf_counter())
+    buffer = self.store.buffer(layer, expert)
+    if now or self._issuer is None:
+      staged = jax.device_put(buffer, self._sharding)
+    else:
+      staged = self._issuer.submit(self._issue, record, buffer)
+    self.records.append(record)
+    self._arrivals.put((record, staged))
+    return staged, record
+
+  def _issue(self, record: CopyRecord, buffer: jax.Array) -> jax.Array:
+    record.issue_s = time.perf_counter()
+    return jax.device_put(buffer, self._sharding)
+
+  def prefetch(self, items: Iterable[Key], pinned: AbstractSet[Key] = frozenset()) -> int:
+    """Issue copies for `items` [(layer, expert)] in priority order, skipping cached ones. An item
+    may evict only experts that are neither `pinned` nor planned at or before it (resident ones
+    first, then copies still in flight); issuing stops at the first item that finds no such slot.
+    Returns the number issued."""
+    protected = set(pinned)
+    issued = 0
+    for layer, expert in items:
+      protected.add((layer, expert))
+      if self.cache.is_cached(layer, expert):
+        continue
+      slot = self.cache.reserve(layer, expert, protected, evict_in_flight=True)
+      if slot is None:
+        break
+      staged, record = self.copy(layer, expert, "prefetch", now=False)
+      self.cache.attach(layer, expert, slot, staged, record)
+      issued += 1
+    return issued
+
+  def drain(self):
+    """Wait until every issued copy has landed and been time-stamped."""
+    self._arrivals.join()
+
+  def close(self):
+    """Stop the watcher and issue threads (after every issued copy has landed)."""
+    if self._issuer is not None:
+      self._issuer.shutdown(wait=True)
+    if self._watcher.is_alive():
+      self._arrivals.put(None)
+      self._watcher.join()

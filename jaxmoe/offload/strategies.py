@@ -1,0 +1,236 @@
+"""What to prefetch and what to evict: the offload strategies, by name.
+
+A strategy only changes which copies are issued and when; the engine always computes with the experts
+the router chose (misses are fetched on demand), so every strategy is exact.
+
+| name           | prefetched                                                        | eviction   |
+|----------------|-------------------------------------------------------------------|------------|
+| `resident`     | nothing: every expert lives on the device                          | -          |
+| `on_demand`    | nothing; experts are dropped after their layer (no reuse)          | -          |
+| `lru` / `lfu`  | nothing; experts stay cached                                       | LRU / LFU  |
+| `stream_all`   | every expert of every layer, in layer order                        | predicted  |
+| `next_gate`    | layer l's hidden state through the gates of layers l+1..l+depth    | predicted  |
+| `oracle`       | the experts a previous exact run routed to (`routing`)             | predicted  |
+| `noisy_oracle` | the oracle's experts kept with probability `recall`, rest wrong    | predicted  |
+| `learned`      | a `RoutingPredictor`'s scores -> per-layer ranked experts          | predicted  |
+
+"predicted" evicts the expert whose next planned use is furthest away (unplanned first, then LRU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+# routing[step][layer] = sorted experts that step routed to in that layer (step 0 = prefill)
+RoutingTrace = Sequence[Sequence[Sequence[int]]]
+StepPlan = list[list[int]]  # [n_layers] experts to prefetch for one step, best first
+
+
+class Strategy:
+  """Base: nothing prefetched, LRU eviction, experts kept between layers."""
+
+  name = "lru"
+  eviction = "lru"
+  resident = False  # every expert on the device, no cache
+  keeps_experts = True  # False: drop experts after their layer (naive on-demand loading)
+  speculation_depth = 0  # gates of layers l+1..l+depth applied to layer l's hidden state
+
+  def plan_step(self, history: np.ndarray, n_new: int, step: int, n_slots: int,
+                n_layers: int) -> StepPlan | None:
+    """Before any layer of a step runs: [n_layers] experts to copy, best first (None: nothing)."""
+    del history, n_new, step, n_slots, n_layers
+    return None
+
+  def plan_layer(self, layer: int, speculated: np.ndarray) -> dict[int, list[int]]:
+    """After layer `layer`'s router: speculated [depth, T, k] experts -> {later layer: experts}."""
+    del layer, speculated
+    return {}
+
+  def future(self, step: int) -> RoutingTrace:
+    """Experts expected in the steps after `step` (eviction hints only)."""
+    del step
+    return ()
+
+
+class Resident(Strategy):
+  name = "resident"
+  resident = True
+
+
+class OnDemand(Strategy):
+  name = "on_demand"
+  keeps_experts = False
+
+
+class LRU(Strategy):
+  name = "lru"
+
+
+class LFU(Strategy):
+  name = "lfu"
+  eviction = "lfu"
+
+
+class StreamAll(Strategy):
+  name = "stream_all"
+  eviction = "predicted"
+
+  def __init__(self, n_experts: int):
+    self.n_experts = n_experts
+
+  def plan_step(self, history, n_new, step, n_slots, n_layers):
+    del history, n_new, step, n_slots
+    return [list(range(self.n_experts)) for _ in range(n_layers)]
+
+
+class NextGate(Strategy):
+  name = "next_gate"
+  eviction = "predicted"
+
+  def __init__(self, depth: int = 1):
+    if depth < 1:
+      raise ValueError(f"next_gate depth must be >= 1, got {depth}")
+    self.speculation_depth = depth
+
+  def plan_layer(self, layer, speculated):
+    plan = {}
+    for j, experts in enumerate(speculated):  # experts [T, k]
+      ids, counts = np.unique(experts, return_counts=True)
+      plan[layer + 1 + j] = [int(e) for e in ids[np.argsort(-counts, kind="stable")]]
+    return plan
+
+
+class Oracle(Strategy):
+  name = "oracle"
+  eviction = "predicted"
+
+  def __init__(self, routing: RoutingTrace, horizon: int = 16):
+    self.routing = [[list(map(int, experts)) for experts in step] for step in routing]
+    self.horizon = horizon
+
+  def plan_step(self, history, n_new, step, n_slots, n_layers):
+    del history, n_new, n_slots
+    return self.routing[step] if step < len(self.routing) else [[] for _ in range(n_layers)]
+
+  def future(self, step):
+    return self.routing[step + 1:step + 1 + self.horizon]
+
+
+class NoisyOracle(Oracle):
+  """The oracle with recall degraded to `recall`: each step and layer keeps round(recall * n) of the n
+  true experts (chosen at random) and fills the rest with wrong ones, so the copy volume is unchanged."""
+
+  name = "noisy_oracle"
+
+  def __init__(self, routing: RoutingTrace, n_experts: int, recall: float, seed: int = 0):
+    if not 0.0 <= recall <= 1.0:
+      raise ValueError(f"recall must be in [0, 1], got {recall}")
+    rng = np.random.default_rng(seed)
+    noisy = []
+    for step in routing:
+      layers = []
+      for experts in step:
+        experts = list(map(int, experts))
+        keep = int(round(recall * len(experts)))
+        kept = list(rng.permutation(experts)[:keep]) if experts else []
+        wrong = [e for e in range(n_experts) if e not in experts]
+        fill = list(rng.permutation(wrong)[:len(experts) - keep]) if wrong else []
+        layers.append([int(e) for e in kept + fill])
+      noisy.append(layers)
+    super().__init__(noisy)
+    self.recall = recall
+
+
+class Learned(Strategy):
+  """A routing predictor's scores [B, n_new, L, E] -> per layer, experts ranked by
+  P(some new token needs it) = 1 - prod_tokens(1 - p), cut at `min_prob` and at a per-layer budget m.
+
+  m is `per_layer` if given, else chosen from the predictor's confidence and the cache: twice the
+  expected number of distinct experts the layer needs (sum over experts of P(needed)), at most an equal
+  share of the cache (n_slots // n_layers). A confident predictor thus copies little beyond what is
+  routed, an unsure one hedges, and no layer takes more than its share of the slots. On the H200 a
+  flat equal-share budget (8 per layer at top-2) copied 2.6x the useful bytes
+  (docs/results/gpu-2026-11-29)."""
+
+  name = "learned"
+  eviction = "predicted"
+
+  def __init__(self, predictor, per_layer: int | None = None, min_prob: float = 0.0):
+    for attr in ("scores", "n_layers", "n_experts"):
+      if not hasattr(predictor, attr):
+        raise TypeError(f"predictor needs `{attr}` (the RoutingPredictor protocol)")
+    self.predictor = predictor
+    self.per_layer = per_layer
+    self.min_prob = min_prob
+
+  def plan_step(self, history, n_new, step, n_slots, n_layers):
+    del step
+    if self.predictor.n_layers != n_layers:
+      raise ValueError(f"predictor covers {self.predictor.n_layers} layers, the model has {n_layers}")
+    p = np.asarray(self.predictor.scores(history, n_new), np.float64)  # [B, n_new, L, E]
+    if p.shape[:3] != (history.shape[0], n_new, n_layers):
+      raise ValueError(f"predictor scores have shape {p.shape}, expected [B, n_new, L, E]")
+    p_any = 1.0 - np.prod(1.0 - np.clip(p, 0.0, 1.0), axis=(0, 1))  # [L, E]
+    share = max(1, n_slots // n_layers)
+    plan = []
+    for layer in range(n_layers):
+      m = self.per_layer or min(share, max(1, math.ceil(2 * p_any[layer].sum())))
+      ranked = np.argsort(-p_any[layer], kind="stable")[:m]
+      plan.append([int(e) for e in ranked if p_any[layer, e] > self.min_prob])
+    return plan
+
+
+NAMES = ("resident", "on_demand", "lru", "lfu", "stream_all", "next_gate", "oracle", "noisy_oracle",
+         "learned")
+
+
+def make(name: str, *, n_experts: int, predictor=None, routing: RoutingTrace | None = None,
+         recall: float = 1.0, seed: int = 0, depth: int = 1) -> Strategy:
+  """The strategy called `name`; `oracle`/`noisy_oracle` need `routing` (e.g. `stats.routing` of an
+  earlier exact run of the same request), `learned` needs `predictor`."""
+  if name in ("oracle", "noisy_oracle") and routing is None:
+    raise ValueError(f"{name} needs `routing` recorded from an earlier run (OffloadStats.routing)")
+  if name == "learned" and predictor is None:
+    raise ValueError("learned needs a predictor (the RoutingPredictor protocol)")
+  builders = {
+      "resident": Resident, "on_demand": OnDemand, "lru": LRU, "lfu": LFU,
+      "stream_all": lambda: StreamAll(n_experts),
+      "next_gate": lambda: NextGate(depth),
+      "oracle": lambda: Oracle(routing),
+      "noisy_oracle": lambda: NoisyOracle(routing, n_experts, recall, seed),
+      "learned": lambda: Learned(predictor),
+  }
+  if name not in builders:
+    raise ValueError(f"unknown strategy {name!r}; choose one of {NAMES}")
+  return builders[name]()
+
+
+def min_copies(routing: RoutingTrace, n_slots: int, resident: Sequence[tuple[int, int]] = ()) -> int:
+  """Fewest expert copies any exact engine with `n_slots` slots needs for `routing` (Belady's MIN:
+  evict the expert used furthest in the future), starting with `resident` cached."""
+  requests = [(layer, step_layers[layer]) for step_layers in routing for layer in range(len(step_layers))]
+  uses: dict[tuple[int, int], list[int]] = {}
+  for t, (layer, experts) in enumerate(requests):
+    for e in experts:
+      uses.setdefault((layer, int(e)), []).append(t)
+  cursor = {key: 0 for key in uses}
+
+  def next_use(key, t):
+    times = uses.get(key, ())
+    i = cursor.get(key, 0)
+    while i < len(times) and times[i] <= t:
+      i += 1
+    cursor[key] = i
+    return times[i] if i < len(times) else float("inf")
+
+  cached = set(list(resident)[:n_slots])
+  copies = 0
+  for t, (layer, experts) in enumerate(requests):
+    need = {(layer, int(e)) for e in experts}
+    copies += len(need - cached)
+    # after serving request t, keep the experts needed soonest (what MIN's evictions amount to)
+    cached = set(sorted(cached | need, key=lambda key: next_use(key, t))[:n_slots])
+  return copies

@@ -1,0 +1,101 @@
+"""Every strategy generates exactly the tokens and logits of `jaxmoe.generate` (f32, same kernels)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from jaxmoe.offload import OffloadEngine, strategies
+from tests.offload.reference_runs import NEW_TOKENS, PROMPT_LEN, TablePredictor
+
+
+def _strategy(name, ref):
+  cfg = ref.cfg
+  if name in ("oracle", "noisy_oracle"):
+    return strategies.make(name, n_experts=cfg.n_experts, routing=ref.routing, recall=0.5, seed=1)
+  if name in ("learned_right", "learned_wrong"):
+    predictor = TablePredictor(ref.routing, PROMPT_LEN, cfg.n_layers, cfg.n_experts,
+                               wrong=name == "learned_wrong")
+    return strategies.make("learned", n_experts=cfg.n_experts, predictor=predictor)
+  if name == "next_gate_2":
+    return strategies.make("next_gate", n_experts=cfg.n_experts, depth=2)
+  return name
+
+
+ALL = ["on_demand", "lru", "lfu", "stream_all", "next_gate", "next_gate_2", "oracle", "noisy_oracle",
+       "learned_right", "learned_wrong"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_offloaded_generation_is_exact(reference, name):
+  # 3 slots: below one layer's 8 experts, so prefill streams its experts through the cache in chunks
+  cfg = reference.cfg
+  assert max(len(experts) for experts in reference.routing[0]) > 3  # prefill really streams
+  with OffloadEngine(reference.model, cache_bytes=3 * cfg.expert_bytes,
+                     strategy=_strategy(name, reference)) as engine:
+    tokens, stats = engine.generate(reference.prompt, NEW_TOKENS)
+  np.testing.assert_array_equal(tokens, reference.out.tokens)
+  np.testing.assert_array_equal(stats.logits, reference.out.logits)
+  assert stats.routing == reference.routing
+  routed = [sum(len(step[layer]) for step in reference.routing) for layer in range(cfg.n_layers)]
+  assert [h + m for h, m in zip(stats.hits, stats.misses)] == routed
+  assert stats.bytes_copied == len(stats.copies) * cfg.expert_bytes
+  assert all(c.ready_s is not None and c.ready_s >= c.issue_s for c in stats.copies)
+
+
+def test_resident_is_exact_and_copies_nothing(swiglu_reference):
+  ref = swiglu_reference
+  with OffloadEngine(ref.model, strategy="resident") as engine:
+    tokens, stats = engine.generate(ref.prompt, NEW_TOKENS)
+  np.testing.assert_array_equal(tokens, ref.out.tokens)
+  np.testing.assert_array_equal(stats.logits, ref.out.logits)
+  assert stats.bytes_copied == 0 and sum(stats.misses) == 0
+
+
+def test_prediction_changes_copies_not_results(swiglu_reference):
+  """With room for every expert, a right predictor (or the oracle) leaves no miss and wastes nothing;
+  with a small cache, an always-wrong one copies bytes that no computation uses."""
+  ref = swiglu_reference
+  cfg = ref.cfg
+  runs = {}
+  for name, slots in (("lru", 16), ("learned_right", 16), ("oracle", 16), ("learned_wrong", 4)):
+    with OffloadEngine(ref.model, cache_bytes=slots * cfg.expert_bytes,
+                       strategy=_strategy(name, ref)) as engine:
+      runs[name] = engine.generate(ref.prompt, NEW_TOKENS)[1]
+  assert sum(runs["lru"].misses) == cfg.n_layers * cfg.n_experts  # cold misses only
+  for name in ("learned_right", "oracle"):
+    assert sum(runs[name].misses) == 0 and runs[name].bytes_wasted == 0
+  assert runs["learned_wrong"].bytes_wasted > 0
+
+
+def test_stats_and_prefill_decode_api(swiglu_reference):
+  ref = swiglu_reference
+  cfg = ref.cfg
+  with OffloadEngine(ref.model, cache_bytes=4 * cfg.expert_bytes, strategy="lru") as engine:
+    logits = engine.prefill(ref.prompt)
+    np.testing.assert_array_equal(logits, ref.out.logits[:, 0])
+    token = logits.argmax(-1)
+    np.testing.assert_array_equal(engine.decode(token), ref.out.logits[:, 1])
+    _, stats = engine.generate(ref.prompt, NEW_TOKENS)
+  assert stats.ttft_s > 0 and len(stats.token_latencies_s) == NEW_TOKENS - 1
+  assert stats.e2e_s >= stats.ttft_s and stats.tokens_per_s > 0
+  assert stats.bytes_useful + stats.bytes_wasted == stats.bytes_copied
+  summary = stats.summary()
+  assert summary["misses"] == stats.misses and len(summary["stall_s"]) == cfg.n_layers
+  timeline = stats.timeline()
+  assert timeline and all(row["ready_s"] >= row["issue_s"] >= 0 for row in timeline)
+
+
+@pytest.mark.parametrize("name", ["stream_all", "learned_right", "oracle"])
+def test_prefetch_from_an_issue_thread_is_exact(swiglu_reference, name):
+  ref = swiglu_reference
+  threads = threading.active_count()
+  with OffloadEngine(ref.model, cache_bytes=3 * ref.cfg.expert_bytes,
+                     strategy=_strategy(name, ref), issue="thread") as engine:
+    assert threading.active_count() == threads + 2  # copy watcher and issue thread
+    tokens, stats = engine.generate(ref.prompt, NEW_TOKENS)
+  assert threading.active_count() == threads
+  np.testing.assert_array_equal(tokens, ref.out.tokens)
+  np.testing.assert_array_equal(stats.logits, ref.out.logits)
+  assert any(c.reason == "prefetch" for c in stats.copies)
+  assert all(c.ready_s >= c.issue_s for c in stats.copies)
