@@ -74,7 +74,10 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
             "\"device\" share one memory, so copies are cheap and the ranking of strategies can differ from "
             "the GPU's. GPU figures are in `docs/BENCHMARKS.md` and `docs/results/`.", ""]
 
-  out += ["## 1. Which predictor is the most efficient?", "", predictor_table(results), "",
+  step_us = results.get("predictor_meta", {}).get("us_decode_step_model")
+  cost_note = (f"A resident decode step of the model takes {step_us:.0f} us (measured in this run); "
+               f"predictor costs above are per decode step." if step_us else "")
+  out += ["## 1. Which predictor is the most efficient?", "", predictor_table(results), "", cost_note, "",
           f"The engine's `learned` strategy uses the best token-driven family on validation recall@k: "
           f"`{results['learned_family']}`. `cross_layer` and `next_gate` need the hidden state entering a "
           f"layer, so they can only look a few layers ahead; token-driven families predict every layer "
