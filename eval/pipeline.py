@@ -10,7 +10,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import platform
 import subprocess
 import time

@@ -3,9 +3,10 @@ prefetch driven by pluggable strategies, and an exact layer-by-layer engine."""
 
 from jaxmoe.offload.cache import CopyRecord, ExpertCache
 from jaxmoe.offload.engine import OffloadEngine, OffloadStats
+from jaxmoe.offload.parallel import ExpertParallelEngine, ParallelStats
 from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore
 from jaxmoe.offload.strategies import NAMES as STRATEGIES, Strategy, make as make_strategy
 
-__all__ = ["CopyRecord", "ExpertCache", "ExpertStore", "OffloadEngine", "OffloadStats", "Prefetcher",
-           "STRATEGIES", "Strategy", "make_strategy"]
+__all__ = ["CopyRecord", "ExpertCache", "ExpertParallelEngine", "ExpertStore", "OffloadEngine", "OffloadStats",
+           "ParallelStats", "Prefetcher", "STRATEGIES", "Strategy", "make_strategy"]

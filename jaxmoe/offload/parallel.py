@@ -43,7 +43,8 @@ from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import strategies
 from jaxmoe.offload.cache import CopyRecord, ExpertCache
-from jaxmoe.offload.engine import OffloadStats
+from jaxmoe.offload.engine import (OffloadStats, _attend_route, _embed, _is_expert_weight, _is_layer,
+                                   _last_logits, _zero_size)
 from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore, device_sharding, host_sharding, unpack
 
@@ -87,34 +88,6 @@ def partition_store(store: ExpertStore, devices: Sequence[jax.Device]) -> Expert
 # ---------------------------------------------------------------- jitted per-layer functions
 # Every input is either replicated over the mesh or sharded on its leading axis by device, so each
 # function compiles once per (shape, mesh); the mesh is a static argument.
-
-@jax.jit
-def _embed(graphdef, placeholder, head, tokens):
-  return nnx.merge(graphdef, placeholder, head).embed_tokens(tokens)  # [B, T, D]
-
-
-@jax.jit
-def _last_logits(graphdef, placeholder, head, x):
-  return nnx.merge(graphdef, placeholder, head).logits(x)[:, -1]  # [B, V] f32
-
-
-@functools.partial(jax.jit, donate_argnames="layer_cache")
-def _attend_route(graphdef, placeholder, state, speculative, x, positions, layer_cache, pos):
-  """Attention and router of one layer (replicated), and the routers of later layers (`speculative`
-  states) on this layer's hidden state. -> x [B, T, D], h [B*T, D], experts [B*T, k],
-  weights [B*T, k], layer cache, speculated experts [depth, B*T, k]."""
-  layer = nnx.merge(graphdef, placeholder, state)
-  x, layer_cache = layer.attend(x, positions, layer_cache, pos)
-  b, t, d = x.shape
-  h = layer.ffn_norm(x).reshape(b * t, d)
-  r = layer.moe.route(h)
-  guesses = []
-  for later in speculative:
-    ahead = nnx.merge(graphdef, placeholder, later)
-    guesses.append(ahead.moe.route(ahead.ffn_norm(x).reshape(b * t, d)).experts)
-  speculated = jnp.stack(guesses) if guesses else jnp.zeros((0, b * t, r.experts.shape[1]), jnp.int32)
-  return x, h, r.experts, r.weights, layer_cache, speculated
-
 
 def _local_rows(cfg, pools, rhs_index, compute, h, experts):
   """On one device: the expert rows of the experts in `compute`, zeros elsewhere.
@@ -220,18 +193,6 @@ class ParallelStats(OffloadStats):
 
 
 # ---------------------------------------------------------------- the engine
-
-def _is_expert_weight(path, _value) -> bool:
-  return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("w_gate", "w_up", "w_down")
-
-
-def _is_layer(path, _value) -> bool:
-  return path[0] == "layers"
-
-
-def _zero_size(state):
-  return jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), state)
-
 
 class ExpertParallelEngine:
   """Exact MoE generation with experts partitioned over `devices` (default: every local device),
