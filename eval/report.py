@@ -89,6 +89,12 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
           f"{max(r['max_abs_logit_diff'] for r in results['strategies']):.2e}). `predicted`: the analytic "
           "model of `eval/analytic.py`, max(compute, prefetched bytes / bandwidth) + on-demand bytes / "
           "bandwidth per token.", ""]
+  if results.get("targets"):
+    out += ["Targets (they are set for the GPU; on a CPU they only show the engine runs):", "",
+            "| target | measured | verdict |", "|---|---|---|"]
+    out += [f"| {t['target']} | {t['value']} | {'met' if t['met'] else 'MISSED'} |" for t in results["targets"]]
+    out += ["", "A missed target's cause is in the gaps below: where the measurement departs from the "
+            "analytic model, that is where the time went.", ""]
   gaps = [f"- `{r['name']}`: {r['model_gap']}" for r in results["strategies"] if r.get("model_gap")]
   if gaps:
     out += ["Where measurement and model differ by more than 20%:", "", *gaps, ""]

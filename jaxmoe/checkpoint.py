@@ -261,6 +261,7 @@ def restore_training(path: str | os.PathLike, cfg: MoEConfig, opt_state_target=N
 # --------------------------------------------------------------------------------------- helpers
 
 def _restore(item: Path, target, what: str):
+  item = Path(item).absolute()  # Orbax takes absolute paths only; users pass relative run directories
   if not item.is_dir():
     raise FileNotFoundError(f"checkpoint {item.parent} is incomplete or corrupt: {item.name}/ is missing")
   ckptr = ocp.StandardCheckpointer()

@@ -48,6 +48,14 @@ def test_round_trip_is_exact_for_params_optimizer_step_and_position(tmp_path, tr
   assert checkpoint.load_config(tmp_path) == cfg
 
 
+def test_relative_run_directories_work(tmp_path, trained_like, monkeypatch):
+  cfg, params, _, _ = trained_like
+  monkeypatch.chdir(tmp_path)
+  checkpoint.save_run("runs/rel", cfg, params, step=1)
+  cfg2, model = checkpoint.load_model("runs/rel")
+  assert cfg2 == cfg and _leaves_equal(nnx.state(model, nnx.Param), params)
+
+
 def test_save_model_writes_a_self_contained_checkpoint(tmp_path, trained_like):
   cfg, params, _, _ = trained_like
   m = nnx.merge(nnx.split(nnx.eval_shape(lambda: model_lib.create(cfg)), nnx.Param)[0], params)
