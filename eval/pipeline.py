@@ -385,7 +385,7 @@ def _timeline_for_plot(rows: dict[str, dict]) -> dict[str, Any] | None:
     return None
   copies = [{"layer": c["layer"], "issue_s": c["issue_s"], "ready_s": c["ready_s"],
              "prefetched": c["reason"] != "demand"} for c in rows[name]["timeline"] if c["ready_s"] is not None]
-  return {"strategy": name, "copies": copies, "compute": []}
+  return {"strategy": name, "copies": copies}
 
 
 def _json_default(x):

@@ -1,5 +1,5 @@
-"""PNG plots of a main-job results dict: speedup vs recall, per-layer recall, copy/compute timeline,
-latency per strategy."""
+"""PNG plots of a main-job results dict: speedup vs recall, per-layer recall, copy timeline, latency per
+strategy."""
 
 from __future__ import annotations
 
@@ -12,22 +12,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def speedup_vs_recall(results: dict, path: Path) -> Path | None:
-  """The noisy-oracle sweep (TPOT speedup over on_demand vs recall) with each real strategy as a point."""
+  """Per-token speedup over on_demand against the measured hit rate (share of routed experts already
+  on the device): the noisy-oracle sweep as a curve (labelled with its recall), each strategy a star."""
   sweep = results.get("noisy_oracle_sweep") or []
   strategies = {s["name"]: s for s in results.get("strategies", [])}
   base = strategies.get("on_demand")
   if not sweep or not base:
     return None
   fig, ax = plt.subplots(figsize=(6, 4))
-  xs = [p["recall"] for p in sweep]
-  ax.plot(xs, [base["tpot_s"] / p["tpot_s"] for p in sweep], "o-", label="noisy oracle")
+  ax.plot([p["hit_rate"] for p in sweep], [base["tpot_s"] / p["tpot_s"] for p in sweep], "o-",
+          label="noisy oracle")
+  for p in sweep:
+    ax.annotate(f"r={p['recall']:.1f}", (p["hit_rate"], base["tpot_s"] / p["tpot_s"]), fontsize=7,
+                textcoords="offset points", xytext=(4, -10))
   for name, s in strategies.items():
-    if s.get("recall") is not None and name not in ("resident",):
-      ax.scatter([s["recall"]], [base["tpot_s"] / s["tpot_s"]], marker="*", s=120, label=name, zorder=3)
+    if name not in ("resident", "on_demand"):
+      ax.scatter([s["hit_rate"]], [base["tpot_s"] / s["tpot_s"]], marker="*", s=120, label=name, zorder=3)
   ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-  if "lru" in strategies:
-    ax.axhline(base["tpot_s"] / strategies["lru"]["tpot_s"], color="tab:red", lw=0.8, ls=":", label="lru")
-  ax.set_xlabel("recall of the prefetched experts (decode)")
+  ax.set_xlabel("hit rate: routed experts already on the device")
   ax.set_ylabel("per-token speedup over on_demand")
   ax.set_title("Accuracy -> speedup")
   ax.legend(fontsize=7)
@@ -58,22 +60,19 @@ def per_layer_recall(results: dict, path: Path) -> Path | None:
 
 
 def timeline(results: dict, path: Path) -> Path | None:
-  """Copies (issue -> ready) and layer compute intervals of one run, one row per layer."""
+  """Every expert copy of one request (issue -> ready, host clock), one row per layer."""
   tl = results.get("timeline")
-  if not tl or not (tl.get("copies") or tl.get("compute")):
+  if not tl or not tl.get("copies"):
     return None
   fig, ax = plt.subplots(figsize=(9, 4))
-  t0 = min([c["issue_s"] for c in tl.get("copies", [])] + [c["start_s"] for c in tl.get("compute", [])])
-  for c in tl.get("compute", []):
-    ax.plot([(c["start_s"] - t0) * 1e3, (c["end_s"] - t0) * 1e3], [c["layer"] - 0.15] * 2, color="tab:blue",
-            lw=4, solid_capstyle="butt")
-  for c in tl.get("copies", []):
-    color = "tab:green" if c.get("prefetched") else "tab:red"
-    ax.plot([(c["issue_s"] - t0) * 1e3, (c["ready_s"] - t0) * 1e3], [c["layer"] + 0.15] * 2, color=color,
-            lw=2, solid_capstyle="butt")
-  ax.set_xlabel("ms since the first event (host clock)")
+  t0 = min(c["issue_s"] for c in tl["copies"])
+  for c in tl["copies"]:
+    color = "tab:green" if c["prefetched"] else "tab:red"
+    ax.plot([(c["issue_s"] - t0) * 1e3, (c["ready_s"] - t0) * 1e3], [c["layer"]] * 2, color=color, lw=3,
+            solid_capstyle="butt")
+  ax.set_xlabel("ms since the first copy was issued (host clock)")
   ax.set_ylabel("layer")
-  ax.set_title(f"{tl.get('strategy', '')}: compute (blue), prefetch copies (green), on-demand copies (red)")
+  ax.set_title(f"{tl.get('strategy', '')}: prefetched copies (green), on-demand copies (red)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
