@@ -102,7 +102,7 @@ def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | N
       from jaxmoe import hf
       cfg, model = hf.from_pretrained(path)
       return cfg, model, None, None
-    cfg, model = checkpoint.load_model(path)
+    cfg, model = _load_for_serving(path)
     summary = path / "summary.json"
     return cfg, model, path if (path / "data").exists() else None, (
         json.loads(summary.read_text()) if summary.exists() else None)
@@ -119,9 +119,14 @@ def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | N
     settings = dataclasses.replace(train_model.train_settings(s.preset), max_minutes=s.train_minutes,
                                    save_optimizer=False)
     summary = train_model.train_and_evaluate(config_lib.preset(s.preset), run_dir, settings, data=data, log=log)
-  # Serve in the compute dtype: experts cross PCIe at the width the kernels read them (bf16 on the GPU).
-  cfg, model = checkpoint.load_model(run_dir, param_dtype=checkpoint.load_config(run_dir).dtype)
+  cfg, model = _load_for_serving(run_dir)
   return cfg, model, run_dir, summary
+
+
+def _load_for_serving(path: Path):
+  """Load a trained model in its compute dtype: experts cross PCIe at the width the kernels read them
+  (bf16 on the GPU), not in the f32 the optimizer kept."""
+  return checkpoint.load_model(path, param_dtype=checkpoint.load_config(path).dtype)
 
 
 def corpus_tokens(cfg, corpus_dir: Path | None, split: str, n: int, seed: int) -> np.ndarray:
@@ -398,7 +403,3 @@ def _json_default(x):
   if isinstance(x, Path):
     return str(x)
   raise TypeError(f"not JSON-serialisable: {type(x)}")
-
-
-def summary_table(results: dict[str, Any]) -> str:
-  return report.summary_table(results)

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from eval import pipeline
+from eval import pipeline, report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
                                    train_minutes=a.train_minutes, profile=not a.no_trace)
   out = Path(a.out or f"runs/{settings.preset}")
   results = pipeline.run(settings, out, model_path=a.model, data=a.data)
-  print(pipeline.summary_table(results))
+  print(report.summary_table(results))
   print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and plots")
   return 0
 
