@@ -231,6 +231,8 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
       if p == min(prompts):
         engines[name] = eng
         last_stats = stats
+      elif eng is not resident:
+        eng.close()
     first = per_prompt[0]
     row = {**first, "ttft_s_by_prompt": {r["prompt_len"]: r["ttft_s"] for r in per_prompt},
            "tokens_equal": all(r["tokens_equal"] for r in per_prompt),
@@ -250,10 +252,13 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
       tokens, stats = eng.generate(prompts[p0], s.new_tokens)
       sweep.append({"recall": r, **_request_row("noisy_oracle", stats, reference[p0].tokens,
                                                 reference[p0].logits, tokens)})
+      eng.close()
   overlap = None
   best = "learned" if "learned" in engines else next((n for n in engines if n != "resident"), None)
   if s.profile and best and jax.default_backend() == "gpu":
     overlap = profile_overlap(engines[best], prompts[p0], s.new_tokens, out / "trace")
+  for eng in {id(e): e for e in [resident, *engines.values()]}.values():
+    eng.close()  # stops each engine's copy-watcher thread
   return {"strategies": rows, "noisy_oracle_sweep": sweep, "bandwidth_bytes_per_s": bandwidth,
           "cache_bytes": cache_bytes, "store_bytes": store.nbytes, "expert_bytes": store.expert_bytes,
           "overlap": overlap, "profiled_strategy": best,

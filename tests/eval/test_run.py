@@ -1,6 +1,7 @@
 """The main job end to end on the tiny preset: every strategy runs, is exact, and the files are written."""
 
 import json
+import threading
 
 import pytest
 
@@ -20,7 +21,10 @@ def corpus(tmp_path_factory):
 @pytest.mark.slow
 def test_main_job_tiny_end_to_end(tmp_path, corpus):
   out = tmp_path / "run"
+  watchers = lambda: sum(t.name == "expert-copy-watcher" for t in threading.enumerate())
+  before = watchers()
   assert run.main(["--preset", "tiny", "--data", str(corpus), "--out", str(out), "--no-trace"]) == 0
+  assert watchers() == before  # every engine the job made was closed
   results = json.loads((out / "results.json").read_text())
   names = [r["name"] for r in results["strategies"]]
   assert names == ["resident", "on_demand", "lru", "stream_all", "next_gate", "oracle", "learned"]
