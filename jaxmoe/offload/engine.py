@@ -265,9 +265,7 @@ class OffloadEngine:
     self.stats.e2e_s = time.perf_counter() - start
     self.stats.n_generated = max_new_tokens
     self.stats.logits = np.stack(all_logits, axis=1)
-    self._read_resident_routing()
-    if self.prefetcher is not None:
-      self.prefetcher.drain()  # every copy time-stamped
+    self._finish_request()
     return np.concatenate([prompt, np.stack(new, axis=1)], axis=1), self.stats
 
   def reset_cache(self):
@@ -346,6 +344,12 @@ class OffloadEngine:
       self._unread_routing.append(routed)
     self._pos += t
     return logits
+
+  def _finish_request(self):
+    """After the last token: the resident routing is read and every copy is time-stamped."""
+    self._read_resident_routing()
+    if self.prefetcher is not None:
+      self.prefetcher.drain()
 
   def _read_resident_routing(self):
     """Routing of the resident model's steps, read once the request (or call) is over, so decoding

@@ -39,12 +39,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmoe import moe
-from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import strategies
 from jaxmoe.offload.cache import CopyRecord, ExpertCache
-from jaxmoe.offload.engine import (OffloadStats, _attend_route, _embed, _is_expert_weight, _is_layer,
-                                   _last_logits, _zero_size)
+from jaxmoe.offload.engine import (OffloadEngine, OffloadStats, _attend_route, _embed, _is_expert_weight,
+                                   _is_layer, _last_logits, _zero_size)
 from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore, device_sharding, host_sharding, unpack
 
@@ -194,10 +193,11 @@ class ParallelStats(OffloadStats):
 
 # ---------------------------------------------------------------- the engine
 
-class ExpertParallelEngine:
+class ExpertParallelEngine(OffloadEngine):
   """Exact MoE generation with experts partitioned over `devices` (default: every local device),
   each device caching its own experts in `cache_bytes_per_device`. `strategy` is a name from
-  `strategies.NAMES` or a `strategies.Strategy`; the API is `OffloadEngine`'s.
+  `strategies.NAMES` or a `strategies.Strategy`; the request API (prefill, decode, generate) is
+  inherited from `OffloadEngine`; what differs is the expert FFN, the caches and the copies.
 
   `store`: an `ExpertStore` to take the experts from (e.g. `ExpertStore.random` for benchmarks);
   its buffers are moved to their owners' pinned host memory (`partition_store`). Default: built from
@@ -209,6 +209,8 @@ class ExpertParallelEngine:
   def __init__(self, model: MoELM, *, cache_bytes_per_device: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
                devices: Sequence[jax.Device] | None = None, store: ExpertStore | None = None):
+    # Not OffloadEngine.__init__: that builds one cache and one prefetcher; this engine builds one of
+    # each per device and a mesh, and shares only the request-level methods.
     cfg = model.cfg
     self.cfg = cfg
     self.devices = list(devices) if devices is not None else list(jax.local_devices())
@@ -340,41 +342,6 @@ class ExpertParallelEngine:
 
   # -------------------------------------------------------------- public API
 
-  def prefill(self, tokens) -> np.ndarray:
-    """Start a request with prompt tokens [B, T]; returns the last position's logits [B, V] f32."""
-    return np.asarray(self._prefill(self._check(tokens, 1)))
-
-  def decode(self, tokens) -> np.ndarray:
-    """Feed one new token per sequence [B]; returns its logits [B, V] f32."""
-    tokens = np.asarray(tokens, np.int32).reshape(-1, 1)
-    if tokens.shape[0] != self._history.shape[0]:
-      raise ValueError(f"decode needs {self._history.shape[0]} tokens (one per sequence), got "
-                       f"{tokens.shape[0]}; call prefill first")
-    return np.asarray(self._decode(tokens))
-
-  def generate(self, tokens, max_new_tokens: int, *, temperature: float = 0.0,
-               seed: int = 0) -> tuple[np.ndarray, ParallelStats]:
-    """Generate like `jaxmoe.generate.generate`: -> (tokens [B, T + N], stats with logits [B, N, V])."""
-    prompt = self._check(tokens, max_new_tokens)
-    key = jax.random.key(seed)
-    start = time.perf_counter()
-    logits = self._prefill(prompt, start)
-    token = np.asarray(select_token(logits, temperature, jax.random.fold_in(key, 0)))
-    self.stats.ttft_s = time.perf_counter() - start
-    all_logits, new = [np.asarray(logits)], [token]
-    for step in range(1, max_new_tokens):
-      t0 = time.perf_counter()
-      logits = self._decode(token[:, None])
-      token = np.asarray(select_token(logits, temperature, jax.random.fold_in(key, step)))
-      self.stats.token_latencies_s.append(time.perf_counter() - t0)
-      all_logits.append(np.asarray(logits))
-      new.append(token)
-    self.stats.e2e_s = time.perf_counter() - start
-    self.stats.n_generated = max_new_tokens
-    self.stats.logits = np.stack(all_logits, axis=1)
-    self._finish_copies()
-    return np.concatenate([prompt, np.stack(new, axis=1)], axis=1), self.stats
-
   def reset_cache(self):
     """Forget every cached expert on every device (the next request starts cold)."""
     for prefetcher, cache in zip(self.prefetchers, self.caches):
@@ -385,17 +352,6 @@ class ExpertParallelEngine:
     """Stop the copy watcher threads."""
     for prefetcher in self.prefetchers:
       prefetcher.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-  # -------------------------------------------------------------- steps
-
-  def _check(self, tokens, max_new_tokens: int) -> np.ndarray:
-    return check_prompt(tokens, max_new_tokens, self.cfg.max_seq_len, self.cfg.vocab_size)
 
   def _prefill(self, prompt: np.ndarray, start: float | None = None) -> jax.Array:
     cfg, n = self.cfg, self.n_devices
@@ -413,13 +369,6 @@ class ExpertParallelEngine:
       prefetcher.drain()
       prefetcher.records = []  # copy records are kept per request
     return self._run_step(prompt)
-
-  def _decode(self, tokens: np.ndarray) -> jax.Array:
-    if self._pos + 1 > self.cfg.max_seq_len:
-      raise ValueError(f"the KV cache is full (max_seq_len={self.cfg.max_seq_len})")
-    self._step += 1
-    self._history = np.concatenate([self._history, tokens], axis=1)
-    return self._run_step(tokens)
 
   def _run_step(self, tokens: np.ndarray) -> jax.Array:
     """One forward step over new tokens [B, T] at the current position -> last logits [B, V]."""
@@ -544,7 +493,10 @@ class ExpertParallelEngine:
       prefetcher.prefetch([(l, e) for l, e in items if self.owner[e] == d],
                           {(l, e) for l, e in pinned if self.owner[e] == d})
 
-  def _finish_copies(self):
+  def _read_resident_routing(self):
+    """Nothing to do: this engine reads the resident routing at the end of each step."""
+
+  def _finish_request(self):
     if not self.prefetchers:
       return
     for prefetcher in self.prefetchers:
