@@ -317,15 +317,10 @@ class OffloadEngine:
     """One forward step over new tokens [B, T] at the current position -> last logits [B, V]."""
     cfg = self.cfg
     b, t = tokens.shape
-    if self.cache is not None:
-      self.prefetcher.step = self._step
-      plan = self.strategy.plan_step(self._history, t, self._step, self.cache.n_slots, cfg.n_layers)
-      self._plan = [list(experts) for experts in plan] if plan else [[] for _ in range(cfg.n_layers)]
-      self._prefetch(first_layer=0, pinned=())
-    # small host inputs go to the jitted functions as numpy (transferred with the call)
-    pos = np.int32(self._pos)
-    positions = np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t))
-    x = _embed(self._head_graph, self._head_placeholder, self._head, tokens)
+    self._plan_step(t)
+    pos = self._host_input(np.int32(self._pos))
+    positions = self._host_input(np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)))
+    x = _embed(self._head_graph, self._head_placeholder, self._head, self._host_input(tokens))
     routed = []
     for layer in range(cfg.n_layers):
       depth = self.strategy.speculation_depth
@@ -334,16 +329,40 @@ class OffloadEngine:
           self._layer_graph, self._layer_placeholder, self._layer_states[layer], ahead, x, positions,
           self._kv[layer], pos)
       if self._resident is not None:
-        x = _layer_ffn(self._layer_graph, self._layer_placeholder, self._layer_states[layer],
-                       self._resident[layer], None, h, x, experts, weights)
+        x = self._resident_ffn(layer, h, x, experts, weights)
         routed.append(experts)
       else:
         x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
     logits = _last_logits(self._head_graph, self._head_placeholder, self._head, x)
     if self._resident is not None:
-      self._unread_routing.append(routed)
+      self._record_resident_routing(routed)
     self._pos += t
     return logits
+
+  # The steps above are shared with the expert-parallel engine, which overrides these hooks.
+
+  def _host_input(self, a: np.ndarray):
+    """Small host inputs go to the jitted functions as numpy (transferred with the call)."""
+    return a
+
+  def _plan_step(self, n_new: int):
+    """Before any layer of a step: ask the strategy for the step's plan and issue its copies."""
+    if self.cache is not None:
+      self.prefetcher.step = self._step
+      self._issue_step_plan(n_new, self.cache.n_slots)
+
+  def _issue_step_plan(self, n_new: int, n_slots: int):
+    n_layers = self.cfg.n_layers
+    plan = self.strategy.plan_step(self._history, n_new, self._step, n_slots, n_layers)
+    self._plan = [list(experts) for experts in plan] if plan else [[] for _ in range(n_layers)]
+    self._prefetch(first_layer=0, pinned=())
+
+  def _resident_ffn(self, layer: int, h, x, experts, weights):
+    return _layer_ffn(self._layer_graph, self._layer_placeholder, self._layer_states[layer],
+                      self._resident[layer], None, h, x, experts, weights)
+
+  def _record_resident_routing(self, routed):
+    self._unread_routing.append(routed)  # read when the call is over, so decoding never waits
 
   def _finish_request(self):
     """After the last token: the resident routing is read and every copy is time-stamped."""

@@ -42,8 +42,7 @@ from jaxmoe import moe
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import strategies
 from jaxmoe.offload.cache import CopyRecord, ExpertCache
-from jaxmoe.offload.engine import (OffloadEngine, OffloadStats, _attend_route, _embed, _is_expert_weight,
-                                   _is_layer, _last_logits, _zero_size)
+from jaxmoe.offload.engine import OffloadEngine, OffloadStats, _is_expert_weight, _is_layer, _zero_size
 from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore, device_sharding, host_sharding, unpack
 
@@ -370,44 +369,30 @@ class ExpertParallelEngine(OffloadEngine):
       prefetcher.records = []  # copy records are kept per request
     return self._run_step(prompt)
 
-  def _run_step(self, tokens: np.ndarray) -> jax.Array:
-    """One forward step over new tokens [B, T] at the current position -> last logits [B, V]."""
-    cfg = self.cfg
-    b, t = tokens.shape
+  # ---------------------------------------------------- hooks of OffloadEngine._run_step
+
+  def _host_input(self, a: np.ndarray):
+    return self._put(a)  # replicated over the mesh
+
+  def _plan_step(self, n_new: int):
     if self.caches:
       for prefetcher in self.prefetchers:
         prefetcher.step = self._step
-      total_slots = sum(cache.n_slots for cache in self.caches)
-      plan = self.strategy.plan_step(self._history, t, self._step, total_slots, cfg.n_layers)
-      self._plan = [list(experts) for experts in plan] if plan else [[] for _ in range(cfg.n_layers)]
-      self._prefetch(first_layer=0, pinned=())
-    pos = self._put(np.int32(self._pos))
-    positions = self._put(np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)))
-    x = _embed(self._head_graph, self._head_placeholder, self._head, self._put(tokens))
-    routed = []
-    for layer in range(cfg.n_layers):
-      depth = self.strategy.speculation_depth
-      ahead = tuple(self._layer_states[layer + 1:layer + 1 + depth])
-      x, h, experts, weights, self._kv[layer], speculated = _attend_route(
-          self._layer_graph, self._layer_placeholder, self._layer_states[layer], ahead, x, positions,
-          self._kv[layer], pos)
-      if self._resident is not None:
-        x = _layer_ffn(self._layer_graph, self._layer_placeholder, self._layer_states[layer],
-                       self._resident[layer], self._resident_index, self._resident_compute, h, x,
-                       experts, weights, mesh=self.mesh)
-        routed.append(experts)
-      else:
-        x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
-    logits = _last_logits(self._head_graph, self._head_placeholder, self._head, x)
-    if self._resident is not None:  # routing of the resident model, read after the step's compute
-      step_routing = [sorted(set(np.asarray(e).reshape(-1).tolist())) for e in jax.device_get(routed)]
-      self.stats.routing.append(step_routing)
-      for layer, experts in enumerate(step_routing):
-        self.stats.hits[layer] += len(experts)
-        for e in experts:
-          self.stats.device_hits[self.owner[e]][layer] += 1
-    self._pos += t
-    return logits
+      self._issue_step_plan(n_new, sum(cache.n_slots for cache in self.caches))
+
+  def _resident_ffn(self, layer: int, h, x, experts, weights):
+    return _layer_ffn(self._layer_graph, self._layer_placeholder, self._layer_states[layer],
+                      self._resident[layer], self._resident_index, self._resident_compute, h, x,
+                      experts, weights, mesh=self.mesh)
+
+  def _record_resident_routing(self, routed):
+    """Read after the step's compute, with per-device hit counts."""
+    step_routing = [sorted(set(np.asarray(e).reshape(-1).tolist())) for e in jax.device_get(routed)]
+    self.stats.routing.append(step_routing)
+    for layer, experts in enumerate(step_routing):
+      self.stats.hits[layer] += len(experts)
+      for e in experts:
+        self.stats.device_hits[self.owner[e]][layer] += 1
 
   def _offloaded_ffn(self, layer: int, x, h, experts, weights, speculated) -> jax.Array:
     """Make each device's routed experts of `layer` resident in its cache (misses fetched now),
