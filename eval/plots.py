@@ -11,6 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def speedup_vs_recall(results: dict, path: Path) -> Path | None:
   """Per-token speedup over on_demand against the measured hit rate (share of routed experts already
   on the device): the noisy-oracle sweep as a curve (labelled with its recall), each strategy a star."""
@@ -33,10 +40,7 @@ def speedup_vs_recall(results: dict, path: Path) -> Path | None:
   ax.set_ylabel("per-token speedup over on_demand")
   ax.set_title("Accuracy -> speedup")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def per_layer_recall(results: dict, path: Path) -> Path | None:
@@ -53,10 +57,7 @@ def per_layer_recall(results: dict, path: Path) -> Path | None:
   ax.set_ylim(0, 1.02)
   ax.set_title("Per-layer recall of the routing predictors")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def timeline(results: dict, path: Path) -> Path | None:
@@ -73,10 +74,7 @@ def timeline(results: dict, path: Path) -> Path | None:
   ax.set_xlabel("ms since the first copy was issued (host clock)")
   ax.set_ylabel("layer")
   ax.set_title(f"{tl.get('strategy', '')}: prefetched copies (green), on-demand copies (red)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def latency_per_strategy(results: dict, path: Path) -> Path | None:
@@ -92,10 +90,7 @@ def latency_per_strategy(results: dict, path: Path) -> Path | None:
   a2.set_ylabel("per-token latency (ms)")
   for ax in (a1, a2):
     ax.tick_params(axis="x", rotation=45, labelsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def write_all(results: dict, out_dir: Path) -> list[Path]:
