@@ -21,7 +21,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels.expert_ffn import schedule
 from pallas_kernels.expert_ffn.config import HopperTiles
 
-EPILOGUES = ("none", "relu", "glu")
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MEMORY_REGISTERS = 40  # the TMA-issuing warpgroup needs few registers; compute gets the rest
 _DEFAULT_NUM_SMS = 132  # H100/H200 SXM
@@ -196,11 +195,7 @@ def grouped_ffn(lhs, weights, group_sizes, rhs_index=None, *, epilogue="none",
   """lhs [M, K] bf16/f16, weights: 1 or 2 (gate, up) arrays [E, K, N] -> [M, N] in lhs.dtype."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
-  if epilogue not in EPILOGUES:
-    raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-  weights = tuple(weights)
-  if len(weights) != (2 if epilogue == "glu" else 1):
-    raise ValueError("glu takes (gate, up); other epilogues take one weight array")
+  weights = schedule.check_epilogue(epilogue, weights)
   m, k = lhs.shape
   n = weights[0].shape[-1]
   if tiles is None:

@@ -18,7 +18,6 @@ from jax.experimental.pallas import triton as pl_triton
 from pallas_kernels.expert_ffn import schedule
 from pallas_kernels.expert_ffn.config import PortableTiles
 
-EPILOGUES = ("none", "relu", "glu")
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -86,11 +85,7 @@ def grouped_ffn(lhs, weights, group_sizes, rhs_index=None, *, epilogue="none",
   `out_init` ([M, N], optional) is the buffer the kernel writes into in place; tests pass a poisoned
   one to prove every routed row is written.
   """
-  if epilogue not in EPILOGUES:
-    raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-  weights = tuple(weights)
-  if len(weights) != (2 if epilogue == "glu" else 1):
-    raise ValueError("glu takes (gate, up); other epilogues take one weight array")
+  weights = schedule.check_epilogue(epilogue, weights)
   m, k = lhs.shape
   n = weights[0].shape[-1]
   if tiles is None:

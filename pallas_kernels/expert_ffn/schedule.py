@@ -32,6 +32,19 @@ class TileSchedule:
     return self.tiles.shape[0]
 
 
+EPILOGUES = ("none", "relu", "glu")  # what the kernels fuse after the matmul
+
+
+def check_epilogue(epilogue: str, weights) -> tuple:
+  """The kernels' shared argument check: a known epilogue, and (gate, up) for glu, one array else."""
+  if epilogue not in EPILOGUES:
+    raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+  weights = tuple(weights)
+  if len(weights) != (2 if epilogue == "glu" else 1):
+    raise ValueError("glu takes (gate, up); other epilogues take one weight array")
+  return weights
+
+
 def max_row_tiles(num_rows: int, num_groups: int, tile_m: int) -> int:
   """Static bound: every group boundary can split one row block into one more tile."""
   return cdiv(num_rows, tile_m) + num_groups - 1
