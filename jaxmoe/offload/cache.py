@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import AbstractSet, Callable, Iterable, Mapping
+from typing import AbstractSet, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,8 @@ from jaxmoe.offload.store import ExpertStore, MatrixSlice, device_sharding, unpa
 POLICIES = ("lru", "lfu", "predicted")
 Key = tuple[int, int]  # (layer, expert)
 Staged = jax.Array | concurrent.futures.Future  # a copy in flight, or one an issue thread will make
+# issues one batch of copies: ([(layer, expert)], reason) -> [(staged, record)] in the same order
+Fetch = Callable[[list[Key], str], list[tuple[Staged, "CopyRecord | None"]]]
 
 
 def resolve(staged: Staged) -> jax.Array:
@@ -61,12 +63,29 @@ class _Entry:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _write_slot(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array], buffer: jax.Array,
-                slot: jax.Array) -> dict[str, jax.Array]:
-  """Unpack a copied expert buffer [P] into slot `slot` of every pool {name: [S, ...]} in place."""
-  mats = unpack(layout, buffer)
-  return {name: jax.lax.dynamic_update_index_in_dim(pool, mats[name].astype(pool.dtype), slot, 0)
-          for name, pool in pools.items()}
+def _write_slots(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
+                 buffers: tuple[jax.Array, ...], slots: jax.Array) -> dict[str, jax.Array]:
+  """Unpack copied expert buffers ([P] each) into slots `slots` [n] of every pool {name: [S, ...]},
+  in place (the pools are donated)."""
+  for i, buffer in enumerate(buffers):
+    mats = unpack(layout, buffer)
+    pools = {name: jax.lax.dynamic_update_index_in_dim(pool, mats[name].astype(pool.dtype), slots[i], 0)
+             for name, pool in pools.items()}
+  return pools
+
+
+def write_slots(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
+                buffers: Sequence[jax.Array], slots: Sequence[int]) -> dict[str, jax.Array]:
+  """One jitted, donated write of several copied experts into their slots. The count is padded to a
+  power of two by repeating the last write (the same bytes into the same slot), so a handful of
+  programs serves every count."""
+  n = len(buffers)
+  if n == 0:
+    return pools
+  padded = 1 << (n - 1).bit_length()
+  buffers = tuple(buffers) + (buffers[-1],) * (padded - n)
+  slots = np.asarray(list(slots) + [slots[-1]] * (padded - n), np.int32)
+  return _write_slots(layout, pools, buffers, slots)
 
 
 def _empty_pools(store: ExpertStore, n_slots: int, device) -> dict[str, jax.Array]:
@@ -78,13 +97,12 @@ def _empty_pools(store: ExpertStore, n_slots: int, device) -> dict[str, jax.Arra
 def resident_pools(store: ExpertStore, device: jax.Device | None = None) -> list[dict[str, jax.Array]]:
   """Every layer's experts on the device as {name: [E, ...]} stacks (the `resident` strategy)."""
   sharding = device_sharding(device or store.device)
+  n_experts = store.cfg.n_experts
   out = []
   for layer in range(store.cfg.n_layers):
-    pools = _empty_pools(store, store.cfg.n_experts, device or store.device)
-    for e in range(store.cfg.n_experts):
-      pools = _write_slot(store.layout, pools, jax.device_put(store.buffer(layer, e), sharding),
-                          np.int32(e))
-    out.append(pools)
+    buffers = jax.device_put([store.buffer(layer, e) for e in range(n_experts)], sharding)
+    out.append(write_slots(store.layout, _empty_pools(store, n_experts, device or store.device),
+                           buffers, range(n_experts)))
   return out
 
 
@@ -107,6 +125,8 @@ class ExpertCache:
     self.n_slots = n_slots
     self.pools = _empty_pools(store, n_slots, device or store.device)  # {name: [S, ...]}
     self._entries: dict[Key, _Entry] = {}
+    self._in_flight: dict[Key, _Entry] = {}  # the entries whose copy is not yet written
+    self._ranking: list[Key] | None = None  # entries, best victim first (None: to be sorted)
     self._free = list(range(n_slots - 1, -1, -1))
     self._tick = 0
     self._now = 0  # layer clock: step * n_layers + layer
@@ -124,6 +144,7 @@ class ExpertCache:
   def set_plan(self, now: int, next_use: Mapping[Key, int]):
     """The layer clock and, per expert, the clock of its next predicted use (for `predicted`)."""
     self._now, self._next_use = now, next_use
+    self._ranking = None
 
   def _victim_key(self, key: Key, entry: _Entry):
     in_flight = entry.staged is not None
@@ -144,57 +165,53 @@ class ExpertCache:
       raise ValueError(f"expert {key} is already cached")
     if self._free:
       return self._free.pop()
-    candidates = [(self._victim_key(k, e), k) for k, e in self._entries.items()
-                  if k not in protected and (evict_in_flight or e.staged is None)]
-    if not candidates:
-      return None
-    _, victim = min(candidates)
-    return self._entries.pop(victim).slot
+    if self._ranking is None:  # sorted once for a batch of reservations
+      self._ranking = sorted(self._entries, key=lambda k: (self._victim_key(k, self._entries[k]), k))
+    for i, victim in enumerate(self._ranking):
+      entry = self._entries.get(victim)
+      if entry is None or victim in protected or (entry.staged is not None and not evict_in_flight):
+        continue
+      del self._ranking[i]
+      self._in_flight.pop(victim, None)
+      return self._entries.pop(victim).slot
+    return None
 
   def attach(self, layer: int, expert: int, slot: int, staged: Staged, record: CopyRecord):
     """Record an issued copy into a reserved slot (in flight until written)."""
-    self._entries[(layer, expert)] = _Entry(slot, staged, record, last_use=self._tick)
+    self._entries[(layer, expert)] = self._in_flight[(layer, expert)] = _Entry(
+        slot, staged, record, last_use=self._tick)
+    self._ranking = None
 
-  def ensure_resident(self, layer: int, experts: Iterable[int],
-                      fetch: Callable[[int, int, str], tuple[Staged, CopyRecord]]) -> tuple[int, int]:
-    """Issue on-demand copies for the experts of `layer` that are neither resident nor in flight,
-    evicting others as needed. Returns (hits, misses). Call `wait_resident` before computing."""
+  def ensure_resident(self, layer: int, experts: Iterable[int], fetch: Fetch) -> tuple[int, int]:
+    """Issue on-demand copies (one batch) for the experts of `layer` that are neither resident nor in
+    flight, evicting others as needed. Returns (hits, misses). Call `wait_resident` before computing."""
     experts = list(experts)
     if len(experts) > self.n_slots:
       raise ValueError(f"{len(experts)} experts cannot be resident at once in {self.n_slots} slots")
     pinned = {(layer, e) for e in experts}
-    hits = misses = 0
-    for e in experts:
-      if (layer, e) in self._entries:
-        hits += 1
-        continue
-      slot = self.reserve(layer, e, pinned, evict_in_flight=True)
-      staged, record = fetch(layer, e, "demand")
+    missing = [e for e in experts if (layer, e) not in self._entries]
+    slots = [self.reserve(layer, e, pinned, evict_in_flight=True) for e in missing]
+    for e, slot, (staged, record) in zip(missing, slots, fetch([(layer, e) for e in missing], "demand")):
       self.attach(layer, e, slot, staged, record)
-      misses += 1
-    return hits, misses
+    return len(experts) - len(missing), len(missing)
 
   def wait_resident(self, layer: int, experts: Iterable[int]) -> float:
-    """Wait for the in-flight copies of these experts and write them into their slots; returns the
-    seconds spent waiting (the stall)."""
-    entries = [self._entries[(layer, e)] for e in experts]
-    staged = [entry for entry in entries if entry.staged is not None]
+    """Wait for the in-flight copies of these experts, then write them, and every other copy that has
+    already landed (freeing its staging buffer early), into their slots with one jitted write.
+    Returns the seconds spent waiting (the stall)."""
+    waiting = [(layer, e) for e in experts if (layer, e) in self._in_flight]
     start = time.perf_counter()
-    jax.block_until_ready([resolve(entry.staged) for entry in staged])
+    jax.block_until_ready([resolve(self._in_flight[key].staged) for key in waiting])
     stall = time.perf_counter() - start
-    for entry in staged:
-      self._write(entry)
+    landed = set(waiting)
+    landed.update(key for key, entry in self._in_flight.items() if _arrived(entry.staged))
+    entries = [self._in_flight.pop(key) for key in sorted(landed)]
+    self.pools = write_slots(self.store.layout, self.pools, [resolve(e.staged) for e in entries],
+                             [e.slot for e in entries])
+    for entry in entries:
+      entry.staged = None
+    self._ranking = None
     return stall
-
-  def land_ready(self):
-    """Write every in-flight copy that has already arrived (frees its staging buffer early)."""
-    for entry in self._entries.values():
-      if entry.staged is not None and _arrived(entry.staged):
-        self._write(entry)
-
-  def _write(self, entry: _Entry):
-    self.pools = _write_slot(self.store.layout, self.pools, resolve(entry.staged), np.int32(entry.slot))
-    entry.staged = None
 
   def rhs_index(self, layer: int, experts: Iterable[int]) -> np.ndarray:
     """[E] int32 slot of each expert of `layer` for the kernels; the listed `experts` must be
@@ -209,6 +226,7 @@ class ExpertCache:
 
   def mark_used(self, layer: int, experts: Iterable[int]):
     self._tick += 1
+    self._ranking = None
     for e in experts:
       entry = self._entries[(layer, e)]
       entry.last_use, entry.uses = self._tick, entry.uses + 1
@@ -218,6 +236,7 @@ class ExpertCache:
   def forget(self, layer: int, experts: Iterable[int]):
     """Drop these experts (their slots become free; compute already dispatched still reads them)."""
     for e in experts:
+      self._in_flight.pop((layer, e), None)
       entry = self._entries.pop((layer, e), None)
       if entry is not None:
         self._free.append(entry.slot)
@@ -225,4 +244,6 @@ class ExpertCache:
   def clear(self):
     """Forget every expert (a cold cache); the pool memory is kept."""
     self._entries.clear()
+    self._in_flight.clear()
+    self._ranking = None
     self._free = list(range(self.n_slots - 1, -1, -1))

@@ -14,6 +14,7 @@ which `--xla_allow_excess_precision=false` removes).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -33,31 +34,91 @@ from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
 
+# ---------------------------------------------------------------- module state as flat arrays
+
+class Structure:
+  """A module's graph and its state's tree structure: one static jit argument, hashed once.
+
+  The jitted functions below take a module's state as a flat tuple of arrays plus its `Structure`.
+  JAX flattens a tuple of arrays without Python; an nnx `State` argument (and hashing a `GraphDef`)
+  costs Python work on every call, ~4 ms per decode token of a 12-layer model on the CPU."""
+
+  def __init__(self, graphdef, treedef):
+    self.graphdef, self.treedef = graphdef, treedef
+    self._hash = hash((graphdef, treedef))
+
+  @classmethod
+  def of(cls, graphdef, *states) -> tuple["Structure", tuple]:
+    """-> (structure, leaves) of a split module (`nnx.split`'s graphdef and states). Equal structures
+    are one object, so a jit cache lookup compares them by identity, not graph by graph."""
+    leaves, treedef = jax.tree.flatten(states)
+    structure = cls(graphdef, treedef)
+    return _STRUCTURES.setdefault(structure, structure), tuple(leaves)
+
+  def merge(self, leaves):
+    return nnx.merge(self.graphdef, *jax.tree.unflatten(self.treedef, leaves))
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return self is other or (isinstance(other, Structure) and self._hash == other._hash
+                             and (self.graphdef, self.treedef) == (other.graphdef, other.treedef))
+
+
+_STRUCTURES: dict[Structure, Structure] = {}
+
+
+def _is_expert_weight(path, _value) -> bool:
+  return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("w_gate", "w_up", "w_down")
+
+
+def _is_layer(path, _value) -> bool:
+  return path[0] == "layers"
+
+
+def _zero_size(state):
+  return jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), state)
+
+
+def split_model(model: MoELM, put) -> tuple[Structure, tuple, Structure, list[tuple]]:
+  """The model without its expert weights (zero-size placeholders instead) as flat leaves placed by
+  `put`: (head structure, head leaves, layer structure, [per-layer leaves])."""
+  head_graph, layers_state, head = nnx.split(model, _is_layer, ...)
+  head_structure, head_leaves = Structure.of(head_graph, _zero_size(layers_state), head)
+  layer_leaves = []
+  for layer in model.layers:
+    graph, experts, rest = nnx.split(layer, _is_expert_weight, ...)
+    layer_structure, leaves = Structure.of(graph, _zero_size(experts), rest)
+    layer_leaves.append(put(leaves))
+  return head_structure, put(head_leaves), layer_structure, layer_leaves
+
+
 # ---------------------------------------------------------------- jitted per-layer functions
 
-@jax.jit
-def _embed(graphdef, placeholder, head, tokens):
-  return nnx.merge(graphdef, placeholder, head).embed_tokens(tokens)  # [B, T, D]
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(head: Structure, leaves, tokens):
+  return head.merge(leaves).embed_tokens(tokens)  # [B, T, D]
 
 
-@jax.jit
-def _last_logits(graphdef, placeholder, head, x):
-  return nnx.merge(graphdef, placeholder, head).logits(x)[:, -1]  # [B, V] f32
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logits(head: Structure, leaves, x):
+  return head.merge(leaves).logits(x)[:, -1]  # [B, V] f32
 
 
-@functools.partial(jax.jit, donate_argnames="layer_cache")
-def _attend_route(graphdef, placeholder, state, speculative, x, positions, layer_cache, pos):
-  """Attention and router of one layer; also the routers of later layers (`speculative` states) on
-  this layer's hidden state. -> x [B, T, D], h [B*T, D], experts [B*T, k], weights [B*T, k],
-  layer cache, speculated experts [depth, B*T, k]."""
-  layer = nnx.merge(graphdef, placeholder, state)
+@functools.partial(jax.jit, static_argnums=0, donate_argnames="layer_cache")
+def _attend_route(structure: Structure, leaves, speculative, x, positions, layer_cache, pos):
+  """Attention and router of one layer; also the routers of later layers (`speculative`: their
+  leaves) on this layer's hidden state. -> x [B, T, D], h [B*T, D], experts [B*T, k],
+  weights [B*T, k], layer cache, speculated experts [depth, B*T, k]."""
+  layer = structure.merge(leaves)
   x, layer_cache = layer.attend(x, positions, layer_cache, pos)
   b, t, d = x.shape
   h = layer.ffn_norm(x).reshape(b * t, d)
   r = layer.moe.route(h)
   guesses = []
   for later in speculative:
-    ahead = nnx.merge(graphdef, placeholder, later)
+    ahead = structure.merge(later)
     guesses.append(ahead.moe.route(ahead.ffn_norm(x).reshape(b * t, d)).experts)
   speculated = jnp.stack(guesses) if guesses else jnp.zeros((0, b * t, r.experts.shape[1]), jnp.int32)
   return x, h, r.experts, r.weights, layer_cache, speculated
@@ -75,27 +136,27 @@ def _finish(layer, y_rows, d, weights, h, x):
   return x + y.reshape(x.shape)
 
 
-@jax.jit
-def _layer_ffn(graphdef, placeholder, state, pools, rhs_index, h, x, experts, weights):
+@functools.partial(jax.jit, static_argnums=0)
+def _layer_ffn(structure: Structure, leaves, pools, rhs_index, h, x, experts, weights):
   """The MoE FFN of one layer on pools {name: [S, ...]} (group e reads slot rhs_index[e])."""
-  layer = nnx.merge(graphdef, placeholder, state)
+  layer = structure.merge(leaves)
   d, y_rows = _expert_rows(layer.moe.cfg, pools, rhs_index, h, experts)
   return _finish(layer, y_rows, d, weights, h, x)
 
 
-@jax.jit
-def _chunk_rows(graphdef, placeholder, state, pools, rhs_index, in_chunk, h, experts, y_rows):
+@functools.partial(jax.jit, static_argnums=0)
+def _chunk_rows(structure: Structure, leaves, pools, rhs_index, in_chunk, h, experts, y_rows):
   """Expert rows of the experts in `in_chunk` [E] (the others keep y_rows [B*T*k, D]): a layer whose
   routed experts do not fit in the cache at once runs in chunks."""
-  cfg = nnx.merge(graphdef, placeholder, state).moe.cfg
+  cfg = structure.merge(leaves).moe.cfg
   d, new_rows = _expert_rows(cfg, pools, rhs_index, h, experts)
   keep = in_chunk[experts.reshape(-1)[d.order]]
   return jnp.where(keep[:, None], new_rows, y_rows)
 
 
-@jax.jit
-def _layer_finish(graphdef, placeholder, state, y_rows, h, x, experts, weights):
-  layer = nnx.merge(graphdef, placeholder, state)
+@functools.partial(jax.jit, static_argnums=0)
+def _layer_finish(structure: Structure, leaves, y_rows, h, x, experts, weights):
+  layer = structure.merge(leaves)
   return _finish(layer, y_rows, moe.dispatch(experts, layer.moe.cfg.n_experts), weights, h, x)
 
 
@@ -157,18 +218,6 @@ class OffloadStats:
 
 # ---------------------------------------------------------------- the engine
 
-def _is_expert_weight(path, _value) -> bool:
-  return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("w_gate", "w_up", "w_down")
-
-
-def _is_layer(path, _value) -> bool:
-  return path[0] == "layers"
-
-
-def _zero_size(state):
-  return jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), state)
-
-
 class OffloadEngine:
   """Exact MoE generation with experts in an `ExpertStore` and a device `ExpertCache` of
   `cache_bytes`. `strategy` is a name from `strategies.NAMES` or a `strategies.Strategy`;
@@ -191,15 +240,7 @@ class OffloadEngine:
     # Device arguments are all committed to one sharding (host ones are numpy), so each function
     # compiles once per shape.
     self._sharding = device_sharding(device or self.store.device)
-    # Non-expert parameters only: expert weights are replaced by zero-size placeholders.
-    self._head_graph, layers_state, head = nnx.split(model, _is_layer, ...)
-    self._head = self._put(head)
-    self._head_placeholder = self._put(_zero_size(layers_state))
-    self._layer_states = []
-    for layer in model.layers:
-      self._layer_graph, experts_state, rest = nnx.split(layer, _is_expert_weight, ...)
-      self._layer_placeholder = self._put(_zero_size(experts_state))
-      self._layer_states.append(self._put(rest))
+    self._head, self._head_leaves, self._layer, self._layer_leaves = split_model(model, self._put)
 
     self.cache: ExpertCache | None = None
     self.prefetcher: Prefetcher | None = None
@@ -220,6 +261,7 @@ class OffloadEngine:
     self._step = 0
     self._history = np.zeros((0, 0), np.int32)
     self._plan: list[list[int]] = []
+    self._future_use: dict[tuple[int, int], int] = {}
     self._unread_routing: list[list[jax.Array]] = []  # resident: [step][layer] experts [B*T, k]
     self.stats = OffloadStats()
 
@@ -320,20 +362,19 @@ class OffloadEngine:
     self._plan_step(t)
     pos = self._host_input(np.int32(self._pos))
     positions = self._host_input(np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)))
-    x = _embed(self._head_graph, self._head_placeholder, self._head, self._host_input(tokens))
+    x = _embed(self._head, self._head_leaves, self._host_input(tokens))
     routed = []
     for layer in range(cfg.n_layers):
       depth = self.strategy.speculation_depth
-      ahead = tuple(self._layer_states[layer + 1:layer + 1 + depth])
+      ahead = tuple(self._layer_leaves[layer + 1:layer + 1 + depth])
       x, h, experts, weights, self._kv[layer], speculated = _attend_route(
-          self._layer_graph, self._layer_placeholder, self._layer_states[layer], ahead, x, positions,
-          self._kv[layer], pos)
+          self._layer, self._layer_leaves[layer], ahead, x, positions, self._kv[layer], pos)
       if self._resident is not None:
         x = self._resident_ffn(layer, h, x, experts, weights)
         routed.append(experts)
       else:
         x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
-    logits = _last_logits(self._head_graph, self._head_placeholder, self._head, x)
+    logits = _last_logits(self._head, self._head_leaves, x)
     if self._resident is not None:
       self._record_resident_routing(routed)
     self._pos += t
@@ -355,11 +396,16 @@ class OffloadEngine:
     n_layers = self.cfg.n_layers
     plan = self.strategy.plan_step(self._history, n_new, self._step, n_slots, n_layers)
     self._plan = [list(experts) for experts in plan] if plan else [[] for _ in range(n_layers)]
+    self._future_use = {}  # (layer, expert) -> layer clock of its first use in a later step
+    for offset, step_plan in enumerate(self.strategy.future(self._step), start=1):
+      for layer, experts in enumerate(step_plan):
+        for e in experts:
+          self._future_use.setdefault((layer, e), (self._step + offset) * n_layers + layer)
     self._prefetch(first_layer=0, pinned=())
 
   def _resident_ffn(self, layer: int, h, x, experts, weights):
-    return _layer_ffn(self._layer_graph, self._layer_placeholder, self._layer_states[layer],
-                      self._resident[layer], None, h, x, experts, weights)
+    return _layer_ffn(self._layer, self._layer_leaves[layer], self._resident[layer], None, h, x,
+                      experts, weights)
 
   def _record_resident_routing(self, routed):
     self._unread_routing.append(routed)  # read when the call is over, so decoding never waits
@@ -398,9 +444,8 @@ class OffloadEngine:
       if later < self.cfg.n_layers:
         self._plan[later] = list(dict.fromkeys(guess + self._plan[later]))
     self._prefetch(first_layer=layer + 1, pinned=[(layer, e) for e in needed])
-    cache.land_ready()
     stall = cache.wait_resident(layer, chunks[0])
-    args = (self._layer_graph, self._layer_placeholder, self._layer_states[layer])
+    args = (self._layer, self._layer_leaves[layer])
     if len(chunks) == 1:
       x = _layer_ffn(*args, cache.pools, cache.rhs_index(layer, needed), h, x, experts, weights)
       cache.mark_used(layer, needed)
@@ -424,16 +469,21 @@ class OffloadEngine:
     stats.stall_s[layer] += stall
     return x
 
+  def _caches(self) -> list[ExpertCache]:
+    return [self.cache]
+
   def _prefetch(self, first_layer: int, pinned):
     """Issue the plan's copies for layers >= first_layer (`pinned` experts are never evicted)."""
+    items = self._planned(first_layer)
+    self.prefetcher.prefetch(items, set(pinned))
+
+  def _planned(self, first_layer: int) -> list[tuple[int, int]]:
+    """The plan's (layer, expert) for layers >= first_layer, in order; gives the cache the layer
+    clock and each expert's next planned use (this step's plan, then the strategy's later steps)."""
     n_layers = self.cfg.n_layers
     items = [(layer, e) for layer in range(first_layer, n_layers) for e in self._plan[layer]]
     now = self._step * n_layers + first_layer
-    next_use = {}
-    for offset, step_plan in enumerate(self.strategy.future(self._step), start=1):
-      for layer, experts in enumerate(step_plan):
-        for e in experts:
-          next_use.setdefault((layer, e), (self._step + offset) * n_layers + layer)
-    next_use.update({(layer, e): self._step * n_layers + layer for layer, e in items})
-    self.cache.set_plan(now, next_use)
-    self.prefetcher.prefetch(items, set(pinned))
+    this_step = {(layer, e): self._step * n_layers + layer for layer, e in items}
+    for cache in self._caches():
+      cache.set_plan(now, collections.ChainMap(this_step, self._future_use))
+    return items

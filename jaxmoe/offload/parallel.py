@@ -35,14 +35,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmoe import moe
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import strategies
 from jaxmoe.offload.cache import CopyRecord, ExpertCache
-from jaxmoe.offload.engine import OffloadEngine, OffloadStats, _is_expert_weight, _is_layer, _zero_size
+from jaxmoe.offload.engine import OffloadEngine, OffloadStats, Structure, split_model
 from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore, device_sharding, host_sharding, unpack
 
@@ -130,20 +129,20 @@ def _gather_and_finish(mesh, layer, rows, h, x, experts, weights):
   return x + y.reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnames="mesh")
-def _layer_ffn(graphdef, placeholder, state, pools, rhs_index, compute, h, x, experts, weights, *,
+@functools.partial(jax.jit, static_argnums=0, static_argnames="mesh")
+def _layer_ffn(structure: Structure, leaves, pools, rhs_index, compute, h, x, experts, weights, *,
                mesh):
   """The MoE FFN of one layer when each device's routed experts are all resident at once."""
-  layer = nnx.merge(graphdef, placeholder, state)
+  layer = structure.merge(leaves)
   rows = _rows(mesh, layer.moe.cfg, pools, rhs_index, compute, h, experts)
   return _gather_and_finish(mesh, layer, rows, h, x, experts, weights)
 
 
-@functools.partial(jax.jit, static_argnames="mesh")
-def _chunk_rows(graphdef, placeholder, state, pools, rhs_index, compute, h, experts, rows, *, mesh):
+@functools.partial(jax.jit, static_argnums=0, static_argnames="mesh")
+def _chunk_rows(structure: Structure, leaves, pools, rhs_index, compute, h, experts, rows, *, mesh):
   """One round of a layer streamed through the caches in chunks: rows [n, T*k, D] of the experts in
   `compute` are replaced (the others keep `rows`)."""
-  cfg = nnx.merge(graphdef, placeholder, state).moe.cfg
+  cfg = structure.merge(leaves).moe.cfg
   new = _rows(mesh, cfg, pools, rhs_index, compute, h, experts)
 
   def keep_new(compute, experts, new, rows):
@@ -154,9 +153,9 @@ def _chunk_rows(graphdef, placeholder, state, pools, rhs_index, compute, h, expe
   return _shard_map(keep_new, mesh, (spec, P(), spec, spec), spec)(compute, experts, new, rows)
 
 
-@functools.partial(jax.jit, static_argnames="mesh")
-def _layer_finish(graphdef, placeholder, state, rows, h, x, experts, weights, *, mesh):
-  layer = nnx.merge(graphdef, placeholder, state)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="mesh")
+def _layer_finish(structure: Structure, leaves, rows, h, x, experts, weights, *, mesh):
+  layer = structure.merge(leaves)
   return _gather_and_finish(mesh, layer, rows, h, x, experts, weights)
 
 
@@ -234,15 +233,8 @@ class ExpertParallelEngine(OffloadEngine):
 
     self._replicated = NamedSharding(self.mesh, P())
     self._by_device = NamedSharding(self.mesh, P(AXIS))
-    # Non-expert parameters only, replicated on every device; experts become zero-size placeholders.
-    self._head_graph, layers_state, head = nnx.split(model, _is_layer, ...)
-    self._head = self._put(head)
-    self._head_placeholder = self._put(_zero_size(layers_state))
-    self._layer_states = []
-    for layer in model.layers:
-      self._layer_graph, experts_state, rest = nnx.split(layer, _is_expert_weight, ...)
-      self._layer_placeholder = self._put(_zero_size(experts_state))
-      self._layer_states.append(self._put(rest))
+    # Non-expert parameters only, replicated on every device.
+    self._head, self._head_leaves, self._layer, self._layer_leaves = split_model(model, self._put)
 
     self.caches: list[ExpertCache] = []
     self.prefetchers: list[Prefetcher] = []
@@ -263,6 +255,7 @@ class ExpertParallelEngine(OffloadEngine):
     self._step = 0
     self._history = np.zeros((0, 0), np.int32)
     self._plan: list[list[int]] = []
+    self._future_use: dict[tuple[int, int], int] = {}
     self.stats = ParallelStats()
 
   def _check_budget(self, cache_bytes_per_device: int | None):
@@ -381,8 +374,8 @@ class ExpertParallelEngine(OffloadEngine):
       self._issue_step_plan(n_new, sum(cache.n_slots for cache in self.caches))
 
   def _resident_ffn(self, layer: int, h, x, experts, weights):
-    return _layer_ffn(self._layer_graph, self._layer_placeholder, self._layer_states[layer],
-                      self._resident[layer], self._resident_index, self._resident_compute, h, x,
+    return _layer_ffn(self._layer, self._layer_leaves[layer], self._resident[layer],
+                      self._resident_index, self._resident_compute, h, x,
                       experts, weights, mesh=self.mesh)
 
   def _record_resident_routing(self, routed):
@@ -418,9 +411,8 @@ class ExpertParallelEngine(OffloadEngine):
         self._plan[later] = list(dict.fromkeys(guess + self._plan[later]))
     self._prefetch(first_layer=layer + 1, pinned=[(layer, e) for e in needed])
     for d, cache in enumerate(self.caches):
-      cache.land_ready()
       stall[d] += cache.wait_resident(layer, chunks[d][0])
-    args = (self._layer_graph, self._layer_placeholder, self._layer_states[layer])
+    args = (self._layer, self._layer_leaves[layer])
     rounds = max(len(c) for c in chunks)
     if rounds == 1:
       x = _layer_ffn(*args, self._global_pools([c.pools for c in self.caches]),
@@ -460,21 +452,15 @@ class ExpertParallelEngine(OffloadEngine):
         cache.mark_used(layer, c)
     return self._shard(index), self._shard(self._compute_mask(chunk))
 
+  def _caches(self) -> list[ExpertCache]:
+    return self.caches
+
   def _prefetch(self, first_layer: int, pinned):
     """Issue the plan's copies for layers >= first_layer, each on its owner's link (`pinned`
     experts are never evicted)."""
-    n_layers = self.cfg.n_layers
-    items = [(layer, e) for layer in range(first_layer, n_layers) for e in self._plan[layer]]
-    now = self._step * n_layers + first_layer
-    next_use = {}
-    for offset, step_plan in enumerate(self.strategy.future(self._step), start=1):
-      for layer, experts in enumerate(step_plan):
-        for e in experts:
-          next_use.setdefault((layer, e), (self._step + offset) * n_layers + layer)
-    next_use.update({(layer, e): self._step * n_layers + layer for layer, e in items})
+    items = self._planned(first_layer)
     pinned = set(pinned)
-    for d, (cache, prefetcher) in enumerate(zip(self.caches, self.prefetchers)):
-      cache.set_plan(now, next_use)
+    for d, prefetcher in enumerate(self.prefetchers):
       prefetcher.prefetch([(l, e) for l, e in items if self.owner[e] == d],
                           {(l, e) for l, e in pinned if self.owner[e] == d})
 

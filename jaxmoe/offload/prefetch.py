@@ -17,7 +17,7 @@ import concurrent.futures
 import queue
 import threading
 import time
-from typing import AbstractSet, Iterable
+from typing import AbstractSet, Iterable, Sequence
 
 import jax
 
@@ -60,41 +60,55 @@ class Prefetcher:
       del staged, item
       self._arrivals.task_done()
 
-  def copy(self, layer: int, expert: int, reason: str, now: bool = True) -> tuple[Staged, CopyRecord]:
-    """Issue one expert copy (now, or on the issue thread if `now` is False and there is one);
-    returns the device buffer [P] in flight (or its future) and its record."""
-    record = CopyRecord(layer, expert, self.step, reason, self.store.expert_bytes, time.perf_counter())
-    buffer = self.store.buffer(layer, expert)
+  def copy(self, keys: Sequence[Key], reason: str, now: bool = True) -> list[tuple[Staged, CopyRecord]]:
+    """Issue the copies of experts `keys` [(layer, expert)] as one batched `device_put` (now, or on
+    the issue thread if `now` is False and there is one); returns per key the device buffer [P] in
+    flight (or its future) and its record."""
+    if not keys:
+      return []
+    issued = time.perf_counter()
+    records = [CopyRecord(layer, expert, self.step, reason, self.store.expert_bytes, issued)
+               for layer, expert in keys]
+    buffers = [self.store.buffer(layer, expert) for layer, expert in keys]
     if now or self._issuer is None:
-      staged = jax.device_put(buffer, self._sharding)
+      staged = jax.device_put(buffers, self._sharding)
     else:
-      staged = self._issuer.submit(self._issue, record, buffer)
-    self.records.append(record)
-    self._arrivals.put((record, staged))
-    return staged, record
+      staged = [concurrent.futures.Future() for _ in keys]
+      self._issuer.submit(self._issue, records, buffers, staged)
+    self.records.extend(records)
+    for item in zip(records, staged):
+      self._arrivals.put(item)
+    return list(zip(staged, records))
 
-  def _issue(self, record: CopyRecord, buffer: jax.Array) -> jax.Array:
-    record.issue_s = time.perf_counter()
-    return jax.device_put(buffer, self._sharding)
+  def _issue(self, records: list[CopyRecord], buffers: list[jax.Array],
+             futures: list[concurrent.futures.Future]):
+    issued = time.perf_counter()
+    for record in records:
+      record.issue_s = issued
+    for future, buffer in zip(futures, jax.device_put(buffers, self._sharding)):
+      future.set_result(buffer)
 
   def prefetch(self, items: Iterable[Key], pinned: AbstractSet[Key] = frozenset()) -> int:
-    """Issue copies for `items` [(layer, expert)] in priority order, skipping cached ones. An item
-    may evict only experts that are neither `pinned` nor planned at or before it (resident ones
-    first, then copies still in flight); issuing stops at the first item that finds no such slot.
-    Returns the number issued."""
+    """Issue copies for `items` [(layer, expert)] in priority order, skipping cached ones, as one
+    batch. An item may evict only experts that are neither `pinned` nor planned at or before it
+    (resident ones first, then copies still in flight); issuing stops at the first item that finds no
+    such slot. Returns the number issued."""
     protected = set(pinned)
-    issued = 0
-    for layer, expert in items:
-      protected.add((layer, expert))
-      if self.cache.is_cached(layer, expert):
+    batch, slots = [], []
+    for key in items:
+      if key in protected:
+        continue  # pinned, or listed twice
+      protected.add(key)
+      if self.cache.is_cached(*key):
         continue
-      slot = self.cache.reserve(layer, expert, protected, evict_in_flight=True)
+      slot = self.cache.reserve(*key, protected, evict_in_flight=True)
       if slot is None:
         break
-      staged, record = self.copy(layer, expert, "prefetch", now=False)
-      self.cache.attach(layer, expert, slot, staged, record)
-      issued += 1
-    return issued
+      batch.append(key)
+      slots.append(slot)
+    for key, slot, (staged, record) in zip(batch, slots, self.copy(batch, "prefetch", now=False)):
+      self.cache.attach(*key, slot, staged, record)
+    return len(batch)
 
   def drain(self):
     """Wait until every issued copy has landed and been time-stamped."""

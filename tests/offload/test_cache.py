@@ -95,7 +95,8 @@ def test_store_packs_each_expert_in_pinned_host(table):
 def test_eviction_policies(table, policy, victim):
   _, store = table
   cache = ExpertCache(store, 3 * store.expert_bytes, policy)
-  fetch = lambda layer, e, reason: (jax.device_put(store.buffer(layer, e), device_sharding()), None)
+  fetch = lambda keys, reason: [(jax.device_put(store.buffer(*key), device_sharding()), None)
+                                for key in keys]
   for e, uses in ((0, 1), (1, 2), (2, 1)):  # expert 1 used before 2, but twice
     cache.ensure_resident(0, [e], fetch)
     cache.wait_resident(0, [e])
@@ -112,3 +113,23 @@ def test_eviction_policies(table, policy, victim):
   w = cache.pools["w_up"][slots[3]]
   np.testing.assert_array_equal(np.asarray(w).reshape(-1),
                                 np.asarray(store.buffer(0, 3))[:w.size])
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_write_slots_pads_to_a_power_of_two_exactly(table, n):
+  """A batch of n copies lands in its n slots (n padded by repeating the last write); the other
+  slots keep their bytes."""
+  from jaxmoe.offload.cache import write_slots
+  _, store = table
+  cache = ExpertCache(store, 8 * store.expert_bytes)
+  before = {name: np.asarray(pool) for name, pool in cache.pools.items()}
+  keys = [(layer, e) for layer in range(2) for e in range(4)][:n]
+  slots = [7, 2, 5, 0, 3][:n]
+  buffers = jax.device_put([store.buffer(*key) for key in keys], device_sharding())
+  pools = write_slots(store.layout, cache.pools, buffers, slots)
+  for m in store.layout:
+    want = before[m.name].copy()
+    for key, slot in zip(keys, slots):
+      flat = np.asarray(store.buffer(*key))[m.offset:m.offset + want[slot].size]
+      want[slot] = flat.reshape(want[slot].shape)
+    np.testing.assert_array_equal(np.asarray(pools[m.name]), want)
