@@ -74,18 +74,21 @@ def _write_slots(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
   return pools
 
 
+def padded(items: Sequence) -> list:
+  """`items` padded to the next power of two by repeating the last one. A batch of slot writes padded
+  this way repeats its last write (the same bytes into the same slot), so a handful of programs serves
+  every batch size."""
+  if not items:
+    return []
+  return list(items) + [items[-1]] * ((1 << (len(items) - 1).bit_length()) - len(items))
+
+
 def write_slots(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
                 buffers: Sequence[jax.Array], slots: Sequence[int]) -> dict[str, jax.Array]:
-  """One jitted, donated write of several copied experts into their slots. The count is padded to a
-  power of two by repeating the last write (the same bytes into the same slot), so a handful of
-  programs serves every count."""
-  n = len(buffers)
-  if n == 0:
+  """One jitted, donated write of copied experts `buffers` into their `slots`."""
+  if not buffers:
     return pools
-  padded = 1 << (n - 1).bit_length()
-  buffers = tuple(buffers) + (buffers[-1],) * (padded - n)
-  slots = np.asarray(list(slots) + [slots[-1]] * (padded - n), np.int32)
-  return _write_slots(layout, pools, buffers, slots)
+  return _write_slots(layout, pools, tuple(padded(buffers)), np.asarray(padded(slots), np.int32))
 
 
 def _empty_pools(store: ExpertStore, n_slots: int, device) -> dict[str, jax.Array]:
@@ -124,6 +127,7 @@ class ExpertCache:
     self.policy = policy
     self.n_slots = n_slots
     self.pools = _empty_pools(store, n_slots, device or store.device)  # {name: [S, ...]}
+    self._sharding = device_sharding(device or store.device)
     self._entries: dict[Key, _Entry] = {}
     self._in_flight: dict[Key, _Entry] = {}  # the entries whose copy is not yet written
     self._ranking: list[Key] | None = None  # entries, best victim first (None: to be sorted)
@@ -184,7 +188,7 @@ class ExpertCache:
 
   def ensure_resident(self, layer: int, experts: Iterable[int], fetch: Fetch) -> tuple[int, int]:
     """Issue on-demand copies (one batch) for the experts of `layer` that are neither resident nor in
-    flight, evicting others as needed. Returns (hits, misses). Call `wait_resident` before computing."""
+    flight, evicting others as needed. Returns (hits, misses). Call `land` before computing."""
     experts = list(experts)
     if len(experts) > self.n_slots:
       raise ValueError(f"{len(experts)} experts cannot be resident at once in {self.n_slots} slots")
@@ -195,10 +199,12 @@ class ExpertCache:
       self.attach(layer, e, slot, staged, record)
     return len(experts) - len(missing), len(missing)
 
-  def wait_resident(self, layer: int, experts: Iterable[int]) -> float:
-    """Wait for the in-flight copies of these experts, then write them, and every other copy that has
-    already landed (freeing its staging buffer early), into their slots with one jitted write.
-    Returns the seconds spent waiting (the stall)."""
+  def land(self, layer: int, experts: Sequence[int]) -> tuple[float, jax.Array]:
+    """Make these experts of `layer` resident: wait for their copies in flight, then write them, and
+    every other copy that has already landed (freeing its staging buffer early), into their slots
+    with one jitted write. Returns (seconds spent waiting: the stall, `rhs_index` [E] on the device
+    for computing with them). The write's slots and the index travel in one host-to-device call: on
+    the H200 every separate small host input costs a jitted call ~0.1-0.3 ms."""
     waiting = [(layer, e) for e in experts if (layer, e) in self._in_flight]
     start = time.perf_counter()
     jax.block_until_ready([resolve(self._in_flight[key].staged) for key in waiting])
@@ -206,12 +212,16 @@ class ExpertCache:
     landed = set(waiting)
     landed.update(key for key, entry in self._in_flight.items() if _arrived(entry.staged))
     entries = [self._in_flight.pop(key) for key in sorted(landed)]
-    self.pools = write_slots(self.store.layout, self.pools, [resolve(e.staged) for e in entries],
-                             [e.slot for e in entries])
+    buffers = [resolve(entry.staged) for entry in entries]
     for entry in entries:
       entry.staged = None
+    index, slots = jax.device_put(
+        [self.rhs_index(layer, experts), np.asarray(padded([e.slot for e in entries]), np.int32)],
+        self._sharding)
+    if entries:
+      self.pools = _write_slots(self.store.layout, self.pools, tuple(padded(buffers)), slots)
     self._ranking = None
-    return stall
+    return stall, index
 
   def rhs_index(self, layer: int, experts: Iterable[int]) -> np.ndarray:
     """[E] int32 slot of each expert of `layer` for the kernels; the listed `experts` must be

@@ -364,8 +364,8 @@ class ExpertParallelEngine(OffloadEngine):
 
   # ---------------------------------------------------- hooks of OffloadEngine._run_step
 
-  def _host_input(self, a: np.ndarray):
-    return self._put(a)  # replicated over the mesh
+  def _host_inputs(self, *arrays: np.ndarray) -> list[jax.Array]:
+    return self._put(list(arrays))  # replicated over the mesh
 
   def _plan_step(self, n_new: int):
     if self.caches:
@@ -411,7 +411,7 @@ class ExpertParallelEngine(OffloadEngine):
         self._plan[later] = list(dict.fromkeys(guess + self._plan[later]))
     self._prefetch(first_layer=layer + 1, pinned=[(layer, e) for e in needed])
     for d, cache in enumerate(self.caches):
-      stall[d] += cache.wait_resident(layer, chunks[d][0])
+      stall[d] += cache.land(layer, chunks[d][0])[0]
     args = (self._layer, self._layer_leaves[layer])
     rounds = max(len(c) for c in chunks)
     if rounds == 1:
@@ -428,7 +428,7 @@ class ExpertParallelEngine(OffloadEngine):
               hd, md = cache.ensure_resident(layer, chunk[d], self.prefetchers[d].copy)
               hits[d], misses[d] = hits[d] + hd, misses[d] + md
           for d, cache in enumerate(self.caches):
-            stall[d] += cache.wait_resident(layer, chunk[d])
+            stall[d] += cache.land(layer, chunk[d])[0]
         rows = _chunk_rows(*args, self._global_pools([c.pools for c in self.caches]),
                            *self._round_inputs(layer, chunk), h, experts, rows, mesh=self.mesh)
       x = _layer_finish(*args, rows, h, x, experts, weights, mesh=self.mesh)

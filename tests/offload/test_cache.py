@@ -99,7 +99,7 @@ def test_eviction_policies(table, policy, victim):
                                 for key in keys]
   for e, uses in ((0, 1), (1, 2), (2, 1)):  # expert 1 used before 2, but twice
     cache.ensure_resident(0, [e], fetch)
-    cache.wait_resident(0, [e])
+    cache.land(0, [e])
     for _ in range(uses):
       cache.mark_used(0, [e])
   cache.mark_used(0, [0])  # expert 0 is the most recent
@@ -108,8 +108,9 @@ def test_eviction_policies(table, policy, victim):
   assert not cache.is_cached(0, victim) and cache.is_cached(0, 3)
   with pytest.raises(RuntimeError, match="not resident"):
     cache.rhs_index(0, [3])  # in flight: never computed with
-  cache.wait_resident(0, [3])
+  _, index = cache.land(0, [3])
   slots = cache.rhs_index(0, [3])
+  np.testing.assert_array_equal(np.asarray(index), slots)
   w = cache.pools["w_up"][slots[3]]
   np.testing.assert_array_equal(np.asarray(w).reshape(-1),
                                 np.asarray(store.buffer(0, 3))[:w.size])
