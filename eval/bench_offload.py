@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--issue", default="main", choices=("main", "thread"),
                  help="how prefetch copies are issued: from the engine's thread before it dispatches "
                       "compute, or from an issue thread")
+  p.add_argument("--speculate", type=int, default=2,
+                 help="layers whose expert FFN oracle/noisy_oracle/learned dispatch before reading "
+                      "their routing (checked that many layers later, redone on a miss); 0 = read "
+                      "every layer's routing first")
   p.add_argument("--no-compare-issue", action="store_true",
                  help="skip re-running oracle and stream_all (smallest budget) with the other issue mode")
   p.add_argument("--quick", action="store_true",
@@ -147,7 +151,7 @@ def run(model, store, cfg, name, args, slots, prompt, tokens, routing, predictor
   strategy = make_strategy(name, args, cfg, routing, predictor)
   cache_bytes = None if name == "resident" else slots * cfg.expert_bytes
   with OffloadEngine(model, cache_bytes=cache_bytes, strategy=strategy, store=store,
-                     issue=issue or args.issue) as engine:
+                     issue=issue or args.issue, speculate=args.speculate) as engine:
     if profile_dir is None:
       stats = engine.generate(prompt, tokens)[1]
     else:
@@ -190,8 +194,11 @@ def bench(args) -> dict:
   rows, timelines, skipped = [], {}, []
   for pct in args.budgets:
     slots = max(cfg.top_k, int(round(pct / 100 * n_all)))
-    warmup = ["lru"] + (["next_gate"] if "next_gate" in args.strategies and pct == args.budgets[0] else [])
-    for name in warmup:  # compile for this budget's pool shape (and next_gate's speculative routers)
+    # compile for this budget's pool shape: lru lands small batches of copies, stream_all the largest
+    # (each power-of-two batch size is its own slot-write program), next_gate adds speculative routers
+    warmup = ["lru"] + [n for n in ("stream_all", "next_gate") if n in args.strategies
+                        and (n == "stream_all" or pct == args.budgets[0])]
+    for name in warmup:
       for label, prompt, tokens in requests:
         run(model, store, cfg, name, args, slots, prompt, min(tokens, 2), None, None)
     for name in args.strategies:
@@ -289,9 +296,12 @@ def targets(result) -> list[str]:
     if row["strategy"] == "stream_all":
       for key, cell in row.items():
         if key.startswith("ttft_"):
-          ok = cell["ratio"] <= 1.10
-          out.append(f"{'PASS' if ok else 'MISS'} stream_all {key} @ {row['budget_pct']:g}%: "
-                     f"{cell['ratio']:.2f}x bound (target <= 1.10)")
+          # judged against the PCIe time alone, which is stricter than PCIe + compute: the resident
+          # TTFT used as the compute term carries a first-request cost (~0.2 s on the H200)
+          pcie = cell["measured_s"] / max(cell["copy_bound_s"], 1e-9)
+          out.append(f"{'PASS' if pcie <= 1.10 else 'MISS'} stream_all {key} @ {row['budget_pct']:g}%: "
+                     f"{pcie:.2f}x its PCIe time, {cell['ratio']:.2f}x PCIe + compute "
+                     f"(target <= 1.10)")
     if row["strategy"] == "oracle":
       cell = row["tpot"]
       out.append(f"{'PASS' if cell['ratio'] <= 1.15 else 'MISS'} oracle TPOT @ {row['budget_pct']:g}%: "

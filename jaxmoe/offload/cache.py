@@ -199,15 +199,17 @@ class ExpertCache:
       self.attach(layer, e, slot, staged, record)
     return len(experts) - len(missing), len(missing)
 
-  def land(self, layer: int, experts: Sequence[int]) -> tuple[float, jax.Array]:
-    """Make these experts of `layer` resident: wait for their copies in flight, then write them, and
-    every other copy that has already landed (freeing its staging buffer early), into their slots
-    with one jitted write. Returns (seconds spent waiting: the stall, `rhs_index` [E] on the device
-    for computing with them). The write's slots and the index travel in one host-to-device call: on
-    the H200 every separate small host input costs a jitted call ~0.1-0.3 ms."""
+  def land(self, layer: int, experts: Sequence[int], wait: bool = True) -> tuple[float, jax.Array]:
+    """Make these experts of `layer` resident: wait for their copies in flight (unless `wait` is
+    False: the device then waits for them before the write), then write them, and every other copy
+    that has already landed (freeing its staging buffer early), into their slots with one jitted
+    write. Returns (seconds spent waiting: the stall, `rhs_index` [E] on the device for computing
+    with them). The write's slots and the index travel in one host-to-device call: on the H200
+    every separate small host input costs a jitted call ~0.1-0.3 ms."""
     waiting = [(layer, e) for e in experts if (layer, e) in self._in_flight]
     start = time.perf_counter()
-    jax.block_until_ready([resolve(self._in_flight[key].staged) for key in waiting])
+    if wait:
+      jax.block_until_ready([resolve(self._in_flight[key].staged) for key in waiting])
     stall = time.perf_counter() - start
     landed = set(waiting)
     landed.update(key for key, entry in self._in_flight.items() if _arrived(entry.staged))

@@ -6,7 +6,10 @@ Per step (prefill or one decode token):
      small device->host sync per layer); copies for misses are issued, then copies for later layers,
      then the expert FFN (jitted, reading the slot pool through `rhs_index`) and combine are dispatched
   3. logits of the last position -> next token
-The `resident` strategy keeps every expert on the device and needs no per-layer sync.
+The `resident` strategy keeps every expert on the device and needs no per-layer sync. Strategies that
+plan whole steps (oracle, noisy_oracle, learned) dispatch a layer's FFN on its cached experts before
+reading its routing and check a few layers later (`speculate`); a layer whose routing was not all
+cached is redone with step 2, so a good plan costs no per-layer sync and a bad one costs a redo.
 The true router always decides what is computed: tokens and logits equal `jaxmoe.generate.generate`
 (bitwise in f32; in bf16 up to the excess precision XLA may keep inside the reference's single jit,
 which `--xla_allow_excess_precision=false` removes).
@@ -176,6 +179,7 @@ class OffloadStats:
   stall_s: list[float] = dataclasses.field(default_factory=list)  # [L] host waits for copies
   copies: list[CopyRecord] = dataclasses.field(default_factory=list)  # issue/ready, this request
   routing: list[list[list[int]]] = dataclasses.field(default_factory=list)  # [step][layer] experts
+  redone: int = 0  # steps redone from a speculated layer that lacked a routed expert
   logits: np.ndarray | None = None  # [B, N, V] f32 of the generated tokens
   start_s: float = 0.0  # perf_counter at the request's start
 
@@ -213,23 +217,47 @@ class OffloadStats:
             "tokens_per_s": self.tokens_per_s, "bytes_copied": self.bytes_copied,
             "bytes_useful": self.bytes_useful, "bytes_wasted": self.bytes_wasted,
             "hits": list(self.hits), "misses": list(self.misses), "stall_s": list(self.stall_s),
-            "n_copies": len(self.copies)}
+            "n_copies": len(self.copies), "redone": self.redone}
 
 
 # ---------------------------------------------------------------- the engine
+
+@dataclasses.dataclass
+class _Speculated:
+  """A layer whose expert FFN was dispatched before its routing was read on the host."""
+
+  layer: int
+  cached: frozenset[int]  # the layer's experts in the slot pool the FFN read
+  x: jax.Array  # the layer's input to the FFN (after attention), kept for a redo
+  h: jax.Array
+  experts: jax.Array
+  weights: jax.Array
+
 
 class OffloadEngine:
   """Exact MoE generation with experts in an `ExpertStore` and a device `ExpertCache` of
   `cache_bytes`. `strategy` is a name from `strategies.NAMES` or a `strategies.Strategy`;
   `predictor` serves the `learned` strategy; `issue` ("main" or "thread") is how prefetch copies
-  are issued (`jaxmoe.offload.prefetch`)."""
+  are issued (`jaxmoe.offload.prefetch`).
+
+  `speculate`: for strategies that plan whole steps (`Strategy.speculative`: oracle, noisy_oracle,
+  learned), a layer's expert FFN is dispatched with the layer's cached experts before the host has
+  read the layer's routing, and the routing is checked up to `speculate` layers later. If every
+  routed expert was in the pool, the FFN computed exactly what the router chose; if not, the step
+  is redone from that layer with the routing read first (copies fetched on demand), and the later
+  layers' attention rewrites its KV-cache entries. Either way the outputs are exact; a correct plan
+  saves the per-layer host round trip. 0 reads every layer's routing before its FFN."""
 
   def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
                store: ExpertStore | None = None, device: jax.Device | None = None,
-               issue: str = "main"):
+               issue: str = "main", speculate: int = 2):
     cfg = model.cfg
     self.cfg = cfg
+    if speculate < 0:
+      raise ValueError(f"speculate must be >= 0 (layers dispatched ahead of their routing check), "
+                       f"got {speculate}")
+    self.speculate = speculate
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
     self.strategy = strategy
@@ -364,22 +392,73 @@ class OffloadEngine:
     pos, positions, tokens = self._host_inputs(
         np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)), tokens)
     x = _embed(self._head, self._head_leaves, tokens)
+    window = self.speculate if self.cache is not None and self.strategy.speculative else 0
+    pending: list[_Speculated] = []  # speculated layers not yet checked, oldest first
     routed = []
-    for layer in range(cfg.n_layers):
-      depth = self.strategy.speculation_depth
-      ahead = tuple(self._layer_leaves[layer + 1:layer + 1 + depth])
-      x, h, experts, weights, self._kv[layer], speculated = _attend_route(
-          self._layer, self._layer_leaves[layer], ahead, x, positions, self._kv[layer], pos)
-      if self._resident is not None:
-        x = self._resident_ffn(layer, h, x, experts, weights)
-        routed.append(experts)
+    layer = 0
+    while True:
+      if layer < cfg.n_layers:
+        depth = self.strategy.speculation_depth
+        ahead = tuple(self._layer_leaves[layer + 1:layer + 1 + depth])
+        x, h, experts, weights, self._kv[layer], speculated = _attend_route(
+            self._layer, self._layer_leaves[layer], ahead, x, positions, self._kv[layer], pos)
+        if self._resident is not None:
+          x = self._resident_ffn(layer, h, x, experts, weights)
+          routed.append(experts)
+        elif window:
+          x = self._speculative_ffn(layer, x, h, experts, weights, pending)
+        else:
+          x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
+        layer += 1
+        failed = self._check_speculated(pending, keep=window)
       else:
-        x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
+        failed = self._check_speculated(pending, keep=0)
+        if failed is None:
+          break
+      if failed is not None:  # redo from the failed layer, reading routing first from here on
+        window = 0
+        no_guess = np.zeros((0,) + failed.experts.shape, np.int32)
+        x = self._offloaded_ffn(failed.layer, failed.x, failed.h, failed.experts, failed.weights,
+                                no_guess)
+        layer = failed.layer + 1
     logits = _last_logits(self._head, self._head_leaves, x)
     if self._resident is not None:
       self._record_resident_routing(routed)
     self._pos += t
     return logits
+
+  def _speculative_ffn(self, layer: int, x, h, experts, weights, pending: list[_Speculated]):
+    """Dispatch the expert FFN of `layer` on whatever of its experts is cached (copies in flight are
+    written into the pool without the host waiting: the device waits for them) and remember it for
+    `_check_speculated`."""
+    cache = self.cache
+    cached = [e for e in range(self.cfg.n_experts) if cache.is_cached(layer, e)]
+    # unchecked layers keep their experts until checked (their FFN has them, whatever is evicted)
+    pinned = [(spec.layer, e) for spec in pending for e in spec.cached]
+    self._prefetch(first_layer=layer + 1, pinned=pinned + [(layer, e) for e in cached])
+    _, index = cache.land(layer, cached, wait=False)
+    pending.append(_Speculated(layer, frozenset(cached), x, h, experts, weights))
+    return _layer_ffn(self._layer, self._layer_leaves[layer], cache.pools, index, h, x, experts,
+                      weights)
+
+  def _check_speculated(self, pending: list[_Speculated], keep: int) -> _Speculated | None:
+    """Read the routing of the oldest speculated layers until `keep` remain. Returns the first layer
+    that routed to an expert its FFN did not have (the later ones are dropped: they are redone), or
+    None."""
+    stats = self.stats
+    while len(pending) > keep:
+      spec = pending.pop(0)
+      needed = sorted(set(np.asarray(spec.experts).reshape(-1).tolist()))
+      if not spec.cached.issuperset(needed):
+        pending.clear()
+        stats.redone += 1
+        return spec
+      if spec.layer == 0:
+        stats.routing.append([])
+      stats.routing[-1].append(needed)
+      stats.hits[spec.layer] += len(needed)
+      self.cache.mark_used(spec.layer, needed)
+    return None
 
   # The steps above are shared with the expert-parallel engine, which overrides these hooks.
 

@@ -218,6 +218,7 @@ class ExpertParallelEngine(OffloadEngine):
     if len(set(self.devices)) != n:
       raise ValueError(f"devices must be distinct, got {self.devices}")
     self.n_devices = n
+    self.speculate = 0  # every layer's routing is read before its FFN (no speculative dispatch)
     self.mesh = Mesh(np.array(self.devices), (AXIS,))
     self.owner = owners(cfg.n_experts, n)  # [E]
     self.owned = [[int(e) for e in np.flatnonzero(self.owner == d)] for d in range(n)]

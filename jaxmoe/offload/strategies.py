@@ -37,6 +37,7 @@ class Strategy:
   resident = False  # every expert on the device, no cache
   keeps_experts = True  # False: drop experts after their layer (naive on-demand loading)
   speculation_depth = 0  # gates of layers l+1..l+depth applied to layer l's hidden state
+  speculative = False  # plans whole steps: the engine may compute a layer before reading its routing
 
   def plan_step(self, history: np.ndarray, n_new: int, step: int, n_slots: int,
                 n_layers: int) -> StepPlan | None:
@@ -106,6 +107,7 @@ class NextGate(Strategy):
 class Oracle(Strategy):
   name = "oracle"
   eviction = "predicted"
+  speculative = True
 
   def __init__(self, routing: RoutingTrace, horizon: int = 16):
     self.routing = [[list(map(int, experts)) for experts in step] for step in routing]
@@ -157,6 +159,7 @@ class Learned(Strategy):
 
   name = "learned"
   eviction = "predicted"
+  speculative = True
 
   def __init__(self, predictor, per_layer: int | None = None, min_prob: float = 0.0):
     for attr in ("scores", "n_layers", "n_experts"):
