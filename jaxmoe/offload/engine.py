@@ -392,7 +392,7 @@ class OffloadEngine:
     pos, positions, tokens = self._host_inputs(
         np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)), tokens)
     x = _embed(self._head, self._head_leaves, tokens)
-    window = self.speculate if self.cache is not None and self.strategy.speculative else 0
+    window = self.speculate if self._resident is None and self.strategy.speculative else 0
     pending: list[_Speculated] = []  # speculated layers not yet checked, oldest first
     routed = []
     layer = 0
