@@ -8,6 +8,7 @@ dynamic update on the device); until then it is *in flight*. Only resident exper
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
 import functools
@@ -134,7 +135,7 @@ class ExpertCache:
     self._free = list(range(n_slots - 1, -1, -1))
     self._tick = 0
     self._now = 0  # layer clock: step * n_layers + layer
-    self._next_use: Mapping[Key, int] = {}
+    self._uses: Mapping[Key, Sequence[int]] = {}
 
   @property
   def nbytes(self) -> int:
@@ -145,9 +146,10 @@ class ExpertCache:
     """Resident or in flight."""
     return (layer, expert) in self._entries
 
-  def set_plan(self, now: int, next_use: Mapping[Key, int]):
-    """The layer clock and, per expert, the clock of its next predicted use (for `predicted`)."""
-    self._now, self._next_use = now, next_use
+  def set_plan(self, now: int, uses: Mapping[Key, Sequence[int]]):
+    """The layer clock (step * n_layers + layer) and, per expert, the ascending clocks of its planned
+    uses (for the `predicted` policy and for prefetch reservations)."""
+    self._now, self._uses = now, uses
     self._ranking = None
 
   def _victim_key(self, key: Key, entry: _Entry):
@@ -156,14 +158,24 @@ class ExpertCache:
       return (in_flight, entry.last_use)
     if self.policy == "lfu":
       return (in_flight, entry.uses, entry.last_use)
-    when = self._next_use.get(key, -1)
-    distance = when - self._now if when >= self._now else math.inf
-    return (in_flight, -distance, entry.last_use)
+    return (in_flight, -(self._next_use(key, self._now) - self._now), entry.last_use)
+
+  def _next_use(self, key: Key, after: int) -> float:
+    """Clock of the first planned use of `key` at or after `after` (inf: none planned)."""
+    uses = self._uses.get(key, ())
+    i = bisect.bisect_left(uses, after)
+    return uses[i] if i < len(uses) else math.inf
 
   def reserve(self, layer: int, expert: int, protected: AbstractSet[Key],
-              evict_in_flight: bool = False) -> int | None:
+              evict_in_flight: bool = False, prefetch: bool = False) -> int | None:
     """A slot for (layer, expert): a free one, or one freed by evicting the policy's victim among
-    entries not in `protected` (in-flight copies only if `evict_in_flight`). None if there is none."""
+    entries not in `protected` (in-flight copies only if `evict_in_flight`). None if there is none.
+
+    `prefetch` (with the `predicted` policy): the expert is wanted ahead of its use at clock T, so it
+    takes only the slot that Belady's MIN would free for it at T (the cached expert whose next use
+    after T is furthest away), and only if that expert may go now (not protected, not needed before
+    T); otherwise None, and the copy waits until that expert has been used (conservative
+    prefetching: the same copies as MIN, each issued as early as possible)."""
     key = (layer, expert)
     if key in self._entries:
       raise ValueError(f"expert {key} is already cached")
@@ -171,6 +183,8 @@ class ExpertCache:
       return self._free.pop()
     if self._ranking is None:  # sorted once for a batch of reservations
       self._ranking = sorted(self._entries, key=lambda k: (self._victim_key(k, self._entries[k]), k))
+    if prefetch and self.policy == "predicted":
+      return self._reserve_as_min(key, protected, evict_in_flight)
     for i, victim in enumerate(self._ranking):
       entry = self._entries.get(victim)
       if entry is None or victim in protected or (entry.staged is not None and not evict_in_flight):
@@ -179,6 +193,18 @@ class ExpertCache:
       self._in_flight.pop(victim, None)
       return self._entries.pop(victim).slot
     return None
+
+  def _reserve_as_min(self, key: Key, protected: AbstractSet[Key], evict_in_flight: bool) -> int | None:
+    need = self._next_use(key, self._now)
+    victim = max(self._entries, key=lambda k: (self._next_use(k, need), k), default=None)
+    if victim is None or self._next_use(victim, need) <= need:
+      return None  # every cached expert is needed no later than this one
+    if (victim in protected or self._next_use(victim, self._now) < need
+        or (self._entries[victim].staged is not None and not evict_in_flight)):
+      return None  # MIN's victim must stay for now
+    self._ranking = None
+    self._in_flight.pop(victim, None)
+    return self._entries.pop(victim).slot
 
   def attach(self, layer: int, expert: int, slot: int, staged: Staged, record: CopyRecord):
     """Record an issued copy into a reserved slot (in flight until written)."""
@@ -199,13 +225,16 @@ class ExpertCache:
       self.attach(layer, e, slot, staged, record)
     return len(experts) - len(missing), len(missing)
 
-  def land(self, layer: int, experts: Sequence[int], wait: bool = True) -> tuple[float, jax.Array]:
+  def land(self, layer: int, experts: Sequence[int],
+           wait: bool = True) -> tuple[float, jax.Array | np.ndarray]:
     """Make these experts of `layer` resident: wait for their copies in flight (unless `wait` is
     False: the device then waits for them before the write), then write them, and every other copy
     that has already landed (freeing its staging buffer early), into their slots with one jitted
-    write. Returns (seconds spent waiting: the stall, `rhs_index` [E] on the device for computing
-    with them). The write's slots and the index travel in one host-to-device call: on the H200
-    every separate small host input costs a jitted call ~0.1-0.3 ms."""
+    write. Returns (seconds spent waiting: the stall, `rhs_index` [E] for computing with them).
+    After a wait the write's slots and the index travel in one host-to-device call (every numpy
+    argument of a jitted call costs ~0.07-0.3 ms on the H200 host); without one they go as numpy
+    arguments, because an explicit host-to-device copy of numpy data is ordered behind the work
+    already queued on the device and can hold the host until that is done."""
     waiting = [(layer, e) for e in experts if (layer, e) in self._in_flight]
     start = time.perf_counter()
     if wait:
@@ -217,9 +246,10 @@ class ExpertCache:
     buffers = [resolve(entry.staged) for entry in entries]
     for entry in entries:
       entry.staged = None
-    index, slots = jax.device_put(
-        [self.rhs_index(layer, experts), np.asarray(padded([e.slot for e in entries]), np.int32)],
-        self._sharding)
+    index, slots = self.rhs_index(layer, experts), np.asarray(padded([e.slot for e in entries]), np.int32)
+    if wait:  # the device is idle now: one transfer for both
+      index, slots = jax.device_put([index, slots], self._sharding)
+    # else the device may be busy: the jitted calls take them as numpy, which never waits for it
     if entries:
       self.pools = _write_slots(self.store.layout, self.pools, tuple(padded(buffers)), slots)
     self._ranking = None
@@ -236,11 +266,16 @@ class ExpertCache:
       index[e] = entry.slot
     return index
 
-  def mark_used(self, layer: int, experts: Iterable[int]):
+  def holders(self, layer: int, experts: Iterable[int]) -> dict[int, _Entry]:
+    """The entries now holding these experts of `layer`, for a later `mark_used` (which then counts
+    the use even if an entry has been evicted meanwhile)."""
+    return {e: self._entries[(layer, e)] for e in experts}
+
+  def mark_used(self, layer: int, experts: Iterable[int], holders: Mapping[int, _Entry] | None = None):
     self._tick += 1
     self._ranking = None
     for e in experts:
-      entry = self._entries[(layer, e)]
+      entry = holders[e] if holders is not None else self._entries[(layer, e)]
       entry.last_use, entry.uses = self._tick, entry.uses + 1
       if entry.record is not None:
         entry.record.used = True

@@ -17,7 +17,6 @@ which `--xla_allow_excess_precision=false` removes).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import time
@@ -227,7 +226,7 @@ class _Speculated:
   """A layer whose expert FFN was dispatched before its routing was read on the host."""
 
   layer: int
-  cached: frozenset[int]  # the layer's experts in the slot pool the FFN read
+  holders: dict  # expert -> the cache entry whose slot the FFN read (the layer's cached experts)
   x: jax.Array  # the layer's input to the FFN (after attention), kept for a redo
   h: jax.Array
   experts: jax.Array
@@ -289,7 +288,7 @@ class OffloadEngine:
     self._step = 0
     self._history = np.zeros((0, 0), np.int32)
     self._plan: list[list[int]] = []
-    self._future_use: dict[tuple[int, int], int] = {}
+    self._future_uses: dict[tuple[int, int], list[int]] = {}
     self._unread_routing: list[list[jax.Array]] = []  # resident: [step][layer] experts [B*T, k]
     self.stats = OffloadStats()
 
@@ -387,10 +386,11 @@ class OffloadEngine:
     """One forward step over new tokens [B, T] at the current position -> last logits [B, V]."""
     cfg = self.cfg
     b, t = tokens.shape
-    self._plan_step(t)
-    # one host-to-device call per step for the small inputs every layer shares
+    # one host-to-device call per step for the small inputs every layer shares, before the step's
+    # prefetch copies (which it would otherwise queue behind)
     pos, positions, tokens = self._host_inputs(
         np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)), tokens)
+    self._plan_step(t)
     x = _embed(self._head, self._head_leaves, tokens)
     window = self.speculate if self._resident is None and self.strategy.speculative else 0
     pending: list[_Speculated] = []  # speculated layers not yet checked, oldest first
@@ -433,13 +433,11 @@ class OffloadEngine:
     `_check_speculated`."""
     cache = self.cache
     cached = [e for e in range(self.cfg.n_experts) if cache.is_cached(layer, e)]
-    # unchecked layers keep their experts until checked (their FFN has them, whatever is evicted)
-    pinned = [(spec.layer, e) for spec in pending for e in spec.cached]
-    self._prefetch(first_layer=layer + 1, pinned=pinned + [(layer, e) for e in cached])
     _, index = cache.land(layer, cached, wait=False)
-    pending.append(_Speculated(layer, frozenset(cached), x, h, experts, weights))
-    return _layer_ffn(self._layer, self._layer_leaves[layer], cache.pools, index, h, x, experts,
-                      weights)
+    pending.append(_Speculated(layer, cache.holders(layer, cached), x, h, experts, weights))
+    x = _layer_ffn(self._layer, self._layer_leaves[layer], cache.pools, index, h, x, experts, weights)
+    self._prefetch(first_layer=layer + 1)  # the check counts evicted experts' use via `holders`
+    return x
 
   def _check_speculated(self, pending: list[_Speculated], keep: int) -> _Speculated | None:
     """Read the routing of the oldest speculated layers until `keep` remain. Returns the first layer
@@ -449,7 +447,7 @@ class OffloadEngine:
     while len(pending) > keep:
       spec = pending.pop(0)
       needed = sorted(set(np.asarray(spec.experts).reshape(-1).tolist()))
-      if not spec.cached.issuperset(needed):
+      if not spec.holders.keys() >= set(needed):
         pending.clear()
         stats.redone += 1
         return spec
@@ -457,7 +455,7 @@ class OffloadEngine:
         stats.routing.append([])
       stats.routing[-1].append(needed)
       stats.hits[spec.layer] += len(needed)
-      self.cache.mark_used(spec.layer, needed)
+      self.cache.mark_used(spec.layer, needed, spec.holders)
     return None
 
   # The steps above are shared with the expert-parallel engine, which overrides these hooks.
@@ -478,12 +476,12 @@ class OffloadEngine:
     n_layers = self.cfg.n_layers
     plan = self.strategy.plan_step(self._history, n_new, self._step, n_slots, n_layers)
     self._plan = [list(experts) for experts in plan] if plan else [[] for _ in range(n_layers)]
-    self._future_use = {}  # (layer, expert) -> layer clock of its first use in a later step
+    self._future_uses = {}  # (layer, expert) -> layer clocks of its uses in later steps, ascending
     for offset, step_plan in enumerate(self.strategy.future(self._step), start=1):
       for layer, experts in enumerate(step_plan):
         for e in experts:
-          self._future_use.setdefault((layer, e), (self._step + offset) * n_layers + layer)
-    self._prefetch(first_layer=0, pinned=())
+          self._future_uses.setdefault((layer, e), []).append((self._step + offset) * n_layers + layer)
+    self._prefetch(first_layer=0)
 
   def _resident_ffn(self, layer: int, h, x, experts, weights):
     return _layer_ffn(self._layer, self._layer_leaves[layer], self._resident[layer], None, h, x,
@@ -529,7 +527,6 @@ class OffloadEngine:
     for later, guess in self.strategy.plan_layer(layer, speculated).items():
       if later < self.cfg.n_layers:
         self._plan[later] = list(dict.fromkeys(guess + self._plan[later]))
-    self._prefetch(first_layer=layer + 1, pinned=[(layer, e) for e in needed])
     stall, index = cache.land(layer, chunks[0])
     args = (self._layer, self._layer_leaves[layer])
     if len(chunks) == 1:
@@ -550,6 +547,9 @@ class OffloadEngine:
       x = _layer_finish(*args, y_rows, h, x, experts, weights)
     if not self.strategy.keeps_experts:
       cache.forget(layer, needed)
+    # Copies for later layers go after this layer's FFN: they may then take this layer's slots (the
+    # device runs the FFN before any later write into them), as Belady's MIN would.
+    self._prefetch(first_layer=layer + 1)
     stats.hits[layer] += hits
     stats.misses[layer] += misses
     stats.stall_s[layer] += stall
@@ -558,18 +558,19 @@ class OffloadEngine:
   def _caches(self) -> list[ExpertCache]:
     return [self.cache]
 
-  def _prefetch(self, first_layer: int, pinned):
-    """Issue the plan's copies for layers >= first_layer (`pinned` experts are never evicted)."""
-    items = self._planned(first_layer)
-    self.prefetcher.prefetch(items, set(pinned))
+  def _prefetch(self, first_layer: int):
+    """Issue the plan's copies for layers >= first_layer."""
+    self.prefetcher.prefetch(self._planned(first_layer))
 
   def _planned(self, first_layer: int) -> list[tuple[int, int]]:
     """The plan's (layer, expert) for layers >= first_layer, in order; gives the cache the layer
-    clock and each expert's next planned use (this step's plan, then the strategy's later steps)."""
+    clock and each expert's planned uses (this step's plan, then the strategy's later steps)."""
     n_layers = self.cfg.n_layers
     items = [(layer, e) for layer in range(first_layer, n_layers) for e in self._plan[layer]]
     now = self._step * n_layers + first_layer
-    this_step = {(layer, e): self._step * n_layers + layer for layer, e in items}
+    uses = dict(self._future_uses)
+    for layer, e in items:
+      uses[(layer, e)] = [self._step * n_layers + layer] + self._future_uses.get((layer, e), [])
     for cache in self._caches():
-      cache.set_plan(now, collections.ChainMap(this_step, self._future_use))
+      cache.set_plan(now, uses)
     return items

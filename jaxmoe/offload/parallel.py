@@ -256,7 +256,7 @@ class ExpertParallelEngine(OffloadEngine):
     self._step = 0
     self._history = np.zeros((0, 0), np.int32)
     self._plan: list[list[int]] = []
-    self._future_use: dict[tuple[int, int], int] = {}
+    self._future_uses: dict[tuple[int, int], list[int]] = {}
     self.stats = ParallelStats()
 
   def _check_budget(self, cache_bytes_per_device: int | None):
@@ -410,7 +410,6 @@ class ExpertParallelEngine(OffloadEngine):
     for later, guess in self.strategy.plan_layer(layer, speculated).items():
       if later < self.cfg.n_layers:
         self._plan[later] = list(dict.fromkeys(guess + self._plan[later]))
-    self._prefetch(first_layer=layer + 1, pinned=[(layer, e) for e in needed])
     for d, cache in enumerate(self.caches):
       stall[d] += cache.land(layer, chunks[d][0])[0]
     args = (self._layer, self._layer_leaves[layer])
@@ -439,6 +438,7 @@ class ExpertParallelEngine(OffloadEngine):
       stats.device_hits[d][layer] += hits[d]
       stats.device_misses[d][layer] += misses[d]
       stats.device_stall_s[d][layer] += stall[d]
+    self._prefetch(first_layer=layer + 1)  # after the FFN, as on one device
     stats.hits[layer] += sum(hits)
     stats.misses[layer] += sum(misses)
     stats.stall_s[layer] += sum(stall)
@@ -456,14 +456,11 @@ class ExpertParallelEngine(OffloadEngine):
   def _caches(self) -> list[ExpertCache]:
     return self.caches
 
-  def _prefetch(self, first_layer: int, pinned):
-    """Issue the plan's copies for layers >= first_layer, each on its owner's link (`pinned`
-    experts are never evicted)."""
+  def _prefetch(self, first_layer: int):
+    """Issue the plan's copies for layers >= first_layer, each on its owner's link."""
     items = self._planned(first_layer)
-    pinned = set(pinned)
     for d, prefetcher in enumerate(self.prefetchers):
-      prefetcher.prefetch([(l, e) for l, e in items if self.owner[e] == d],
-                          {(l, e) for l, e in pinned if self.owner[e] == d})
+      prefetcher.prefetch([(l, e) for l, e in items if self.owner[e] == d])
 
   def _read_resident_routing(self):
     """Nothing to do: this engine reads the resident routing at the end of each step."""

@@ -101,7 +101,7 @@ class Prefetcher:
       protected.add(key)
       if self.cache.is_cached(*key):
         continue
-      slot = self.cache.reserve(*key, protected, evict_in_flight=True)
+      slot = self.cache.reserve(*key, protected, evict_in_flight=True, prefetch=True)
       if slot is None:
         break
       batch.append(key)
