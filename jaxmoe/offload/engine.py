@@ -3,8 +3,9 @@
 Per step (prefill or one decode token):
   1. the strategy plans the step; the prefetcher issues those copies before any compute is dispatched
   2. per layer: attention + router (jitted); the router's expert ids are read on the host (the one
-     small device->host sync per layer); copies for misses are issued, then copies for later layers,
-     then the expert FFN (jitted, reading the slot pool through `rhs_index`) and combine are dispatched
+     small device->host sync per layer); copies for misses are issued and landed, the expert FFN
+     (jitted, reading the slot pool through `rhs_index`) and combine are dispatched, then copies for
+     later layers
   3. logits of the last position -> next token
 The `resident` strategy keeps every expert on the device and needs no per-layer sync. Strategies that
 plan whole steps (oracle, noisy_oracle, learned) dispatch a layer's FFN on its cached experts before

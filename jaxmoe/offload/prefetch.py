@@ -2,9 +2,10 @@
 when it landed.
 
 Issue model: a `device_put` only overlaps device work dispatched *after* it (it is ordered behind
-everything already queued). The engine therefore calls `prefetch` at points where the device queue is
-empty (step start, and right after each layer's router output has been read on the host) and before it
-dispatches the compute the copies should hide behind. With `issue="main"` (the default) prefetch
+everything already queued). The engine calls `prefetch` at step start, before any compute of the step,
+and right after each layer's FFN is dispatched (those copies wait for that FFN only, then overlap the
+later layers; issued there, they may take the slots of the layer just computed). Each copy takes only
+the slot Belady's MIN would free for it (`ExpertCache.reserve(prefetch=True)`). With `issue="main"` (the default) prefetch
 copies are issued from the calling thread; with `issue="thread"` one issue thread, started with the
 prefetcher, runs the `device_put`s while the caller goes on dispatching compute (the ordering rule's
 other way out; the bench compares both). Demand copies are always issued at once by the caller. A

@@ -14,7 +14,9 @@ the router chose (misses are fetched on demand), so every strategy is exact.
 | `noisy_oracle` | the oracle's experts kept with probability `recall`, rest wrong    | predicted  |
 | `learned`      | a `RoutingPredictor`'s scores -> per-layer ranked experts          | predicted  |
 
-"predicted" evicts the expert whose next planned use is furthest away (unplanned first, then LRU).
+"predicted" evicts the expert whose next planned use is furthest away (unplanned first, then LRU); a
+prefetch takes only the slot Belady's MIN would free for it when it is used, and waits until then if
+that expert is still needed (`ExpertCache.reserve`).
 """
 
 from __future__ import annotations
