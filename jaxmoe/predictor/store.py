@@ -111,7 +111,7 @@ class TokenPredictor:
     window = np.full((rows, length), self.pad_id, np.int32)  # left padding is never attended
     window[:b, length - need:] = history[:, s - need:]
     n_out = min(bucket(n_new, 1), length)
-    out = self._probs(self._leaves, jnp.asarray(window), n_out)  # [rows, n_out, L, E]
+    out = self._probs(self._leaves, window, n_out)  # [rows, n_out, L, E]; numpy in: no extra copy op
     return np.asarray(out, np.float32)[:b, n_out - n_new:]  # slice on the host: no eager device ops
 
 
