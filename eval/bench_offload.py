@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--depth", type=int, default=1, help="next_gate speculation depth")
   p.add_argument("--no-profile", action="store_true", help="skip the profiler-trace overlap runs")
   p.add_argument("--issue", default="main", choices=("main", "thread"),
-                 help="how prefetch copies are issued: from the engine's thread before it dispatches "
-                      "compute, or from an issue thread")
+                 help="how prefetch copies are issued: from the engine's own thread (at step start "
+                      "and after each layer's FFN), or from an issue thread")
   p.add_argument("--speculate", type=int, default=2,
                  help="layers whose expert FFN oracle/noisy_oracle/learned dispatch before reading "
                       "their routing (checked that many layers later, redone on a miss); 0 = read "
