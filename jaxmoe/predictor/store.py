@@ -79,6 +79,11 @@ class TokenPredictor:
 
   Probabilities are sigmoid(a * logit + b) with (a, b) fitted on validation traces (Platt scaling), so
   that the engine's 1 - prod(1 - p) is meaningful whatever loss trained the model.
+
+  `scores` (the engine's per-step call: a few tokens, ~1 MFLOP) runs on the host's CPU backend, so
+  no device round trip sits at the start of every step (on the H200 host one small device call and
+  read cost ~0.9 ms, 13 % of a decode step); `probs` (many tokens, for evaluation) runs on the default
+  device.
   """
 
   def __init__(self, model: nnx.Module, calibration=(1.0, 0.0)):
@@ -88,6 +93,7 @@ class TokenPredictor:
     graphdef, state = nnx.split(model)
     treedef = jax.tree.structure(state)
     self._leaves = tuple(jax.tree.leaves(state))  # flat leaves: cheap to pass on every call
+    self._host_leaves = jax.device_put(self._leaves, jax.local_devices(backend="cpu")[0])
     a, b = (float(c) for c in calibration)
 
     def probs(leaves, tokens, n_out):  # tokens [B, S] -> [B, n_out, L, E]
@@ -111,7 +117,7 @@ class TokenPredictor:
     window = np.full((rows, length), self.pad_id, np.int32)  # left padding is never attended
     window[:b, length - need:] = history[:, s - need:]
     n_out = min(bucket(n_new, 1), length)
-    out = self._probs(self._leaves, window, n_out)  # [rows, n_out, L, E]; numpy in: no extra copy op
+    out = self._probs(self._host_leaves, window, n_out)  # [rows, n_out, L, E], on the host CPU
     return np.asarray(out, np.float32)[:b, n_out - n_new:]  # slice on the host: no eager device ops
 
 
