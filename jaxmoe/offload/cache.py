@@ -181,10 +181,10 @@ class ExpertCache:
       raise ValueError(f"expert {key} is already cached")
     if self._free:
       return self._free.pop()
-    if self._ranking is None:  # sorted once for a batch of reservations
-      self._ranking = sorted(self._entries, key=lambda k: (self._victim_key(k, self._entries[k]), k))
     if prefetch and self.policy == "predicted":
       return self._reserve_as_min(key, protected, evict_in_flight)
+    if self._ranking is None:  # sorted once for a batch of reservations
+      self._ranking = sorted(self._entries, key=lambda k: (self._victim_key(k, self._entries[k]), k))
     for i, victim in enumerate(self._ranking):
       entry = self._entries.get(victim)
       if entry is None or victim in protected or (entry.staged is not None and not evict_in_flight):

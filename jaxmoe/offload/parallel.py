@@ -251,13 +251,7 @@ class ExpertParallelEngine(OffloadEngine):
         self.caches.append(cache)
         self.prefetchers.append(Prefetcher(self.store, cache, device))
 
-    self._kv: list[LayerCache] = []
-    self._pos = 0
-    self._step = 0
-    self._history = np.zeros((0, 0), np.int32)
-    self._plan: list[list[int]] = []
-    self._future_uses: dict[tuple[int, int], list[int]] = {}
-    self.stats = ParallelStats()
+    self._init_request_state(ParallelStats())
 
   def _check_budget(self, cache_bytes_per_device: int | None):
     """Refuse, before anything is built, a per-device budget the strategy cannot run with."""

@@ -18,7 +18,7 @@ import concurrent.futures
 import queue
 import threading
 import time
-from typing import AbstractSet, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 
@@ -89,16 +89,16 @@ class Prefetcher:
     for future, buffer in zip(futures, jax.device_put(buffers, self._sharding)):
       future.set_result(buffer)
 
-  def prefetch(self, items: Iterable[Key], pinned: AbstractSet[Key] = frozenset()) -> int:
+  def prefetch(self, items: Iterable[Key]) -> int:
     """Issue copies for `items` [(layer, expert)] in priority order, skipping cached ones, as one
-    batch. An item may evict only experts that are neither `pinned` nor planned at or before it
-    (resident ones first, then copies still in flight); issuing stops at the first item that finds no
-    such slot. Returns the number issued."""
-    protected = set(pinned)
+    batch. An item never evicts an expert planned at or before it, and takes only the slot Belady's
+    MIN would free for it (`ExpertCache.reserve`); issuing stops at the first item that finds none.
+    Returns the number issued."""
+    protected: set[Key] = set()
     batch, slots = [], []
     for key in items:
       if key in protected:
-        continue  # pinned, or listed twice
+        continue  # listed twice
       protected.add(key)
       if self.cache.is_cached(*key):
         continue
