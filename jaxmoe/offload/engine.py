@@ -468,8 +468,8 @@ class OffloadEngine:
   def _host_inputs(self, *arrays: np.ndarray) -> list[jax.Array]:
     """Small host arrays to the device in one call at step start (the device is idle then). Passing
     them as numpy to every layer's jitted call instead costs a transfer per call and argument (on the
-    H200 host a numpy argument added 0.07-0.3 ms to a call; with this change the resident gpu-preset
-    decode went from 10.7 to 7.0 ms per token)."""
+    H200 host a numpy argument added 0.07-0.3 ms to a call; the resident gpu-preset decode went from
+    10.7 to 7.0 ms per token between the main-job runs before and after this and `ExpertCache.land`)."""
     return jax.device_put(list(arrays), self._sharding)
 
   def _plan_step(self, n_new: int):
