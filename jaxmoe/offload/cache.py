@@ -63,11 +63,10 @@ class _Entry:
   uses: int = 0
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _write_slots(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
-                 buffers: tuple[jax.Array, ...], slots: jax.Array) -> dict[str, jax.Array]:
-  """Unpack copied expert buffers ([P] each) into slots `slots` [n] of every pool {name: [S, ...]},
-  in place (the pools are donated)."""
+def unpack_into(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
+                buffers: Sequence[jax.Array], slots: jax.Array) -> dict[str, jax.Array]:
+  """Traced: copied expert buffers ([P] each) unpacked into slots `slots` [>= n] of every pool
+  {name: [S, ...]}."""
   for i, buffer in enumerate(buffers):
     mats = unpack(layout, buffer)
     pools = {name: jax.lax.dynamic_update_index_in_dim(pool, mats[name].astype(pool.dtype), slots[i], 0)
@@ -75,13 +74,21 @@ def _write_slots(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
   return pools
 
 
-def padded(items: Sequence) -> list:
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _write_slots(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
+                 buffers: tuple[jax.Array, ...], slots: jax.Array) -> dict[str, jax.Array]:
+  """`unpack_into`, in place (the pools are donated)."""
+  return unpack_into(layout, pools, buffers, slots)
+
+
+def padded(items: Iterable) -> list:
   """`items` padded to the next power of two by repeating the last one. A batch of slot writes padded
   this way repeats its last write (the same bytes into the same slot), so a handful of programs serves
   every batch size."""
+  items = list(items)
   if not items:
     return []
-  return list(items) + [items[-1]] * ((1 << (len(items) - 1).bit_length()) - len(items))
+  return items + [items[-1]] * ((1 << (len(items) - 1).bit_length()) - len(items))
 
 
 def write_slots(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
@@ -129,6 +136,8 @@ class ExpertCache:
     self.n_slots = n_slots
     self.pools = _empty_pools(store, n_slots, device or store.device)  # {name: [S, ...]}
     self._sharding = device_sharding(device or store.device)
+    # int32 device scalars 0..n_slots-1: slot numbers reach jitted calls without a transfer
+    self._scalars = tuple(jax.device_put([np.int32(i) for i in range(n_slots)], self._sharding))
     self._entries: dict[Key, _Entry] = {}
     self._in_flight: dict[Key, _Entry] = {}  # the entries whose copy is not yet written
     self._ranking: list[Key] | None = None  # entries, best victim first (None: to be sorted)
@@ -196,7 +205,11 @@ class ExpertCache:
 
   def _reserve_as_min(self, key: Key, protected: AbstractSet[Key], evict_in_flight: bool) -> int | None:
     need = self._next_use(key, self._now)
-    victim = max(self._entries, key=lambda k: (self._next_use(k, need), k), default=None)
+    unplanned = [k for k in self._entries if k not in self._uses]
+    if unplanned:  # never planned again: MIN's victim, found without a search over planned uses
+      victim = max(unplanned)
+    else:
+      victim = max(self._entries, key=lambda k: (self._next_use(k, need), k), default=None)
     if victim is None or self._next_use(victim, need) <= need:
       return None  # every cached expert is needed no later than this one
     if (victim in protected or self._next_use(victim, self._now) < need
@@ -225,35 +238,42 @@ class ExpertCache:
       self.attach(layer, e, slot, staged, record)
     return len(experts) - len(missing), len(missing)
 
-  def land(self, layer: int, experts: Sequence[int],
-           wait: bool = True) -> tuple[float, jax.Array | np.ndarray]:
-    """Make these experts of `layer` resident: wait for their copies in flight (unless `wait` is
-    False: the device then waits for them before the write), then write them, and every other copy
-    that has already landed (freeing its staging buffer early), into their slots with one jitted
-    write. Returns (seconds spent waiting: the stall, `rhs_index` [E] for computing with them).
-    After a wait the write's slots and the index travel in one host-to-device call (every numpy
-    argument of a jitted call costs ~0.07-0.3 ms on the H200 host); without one they go as numpy
-    arguments, because an explicit host-to-device copy of numpy data is ordered behind the work
-    already queued on the device and can hold the host until that is done."""
+  def land(self, layer: int, experts: Sequence[int]) -> tuple[float, tuple[jax.Array, ...]]:
+    """Make these experts of `layer` resident: wait for their copies in flight, then write them, and
+    every other copy that has already landed (freeing its staging buffer early), into their slots
+    with one jitted write. Returns (seconds spent waiting: the stall, `rhs_index` for computing with
+    them as E device scalars: `jnp.stack` them in the jitted computation).
+
+    The write's slots and the index are made of device scalars uploaded once, so landing transfers
+    nothing small: on the H200 an explicit host-to-device transfer queued behind expert copies still
+    in flight (prefetches for later layers) held the host 1.5-2 ms, a numpy argument of a jitted call
+    ~0.9 ms (`eval/probe_host.py`)."""
     waiting = [(layer, e) for e in experts if (layer, e) in self._in_flight]
     start = time.perf_counter()
-    if wait:
-      jax.block_until_ready([resolve(self._in_flight[key].staged) for key in waiting])
+    jax.block_until_ready([resolve(self._in_flight[key].staged) for key in waiting])
     stall = time.perf_counter() - start
     landed = set(waiting)
     landed.update(key for key, entry in self._in_flight.items() if _arrived(entry.staged))
-    entries = [self._in_flight.pop(key) for key in sorted(landed)]
-    buffers = [resolve(entry.staged) for entry in entries]
+    buffers, slots = self._settle(sorted(landed))
+    if buffers:
+      self.pools = _write_slots(self.store.layout, self.pools, tuple(padded(map(resolve, buffers))),
+                                tuple(self._scalars[slot] for slot in padded(slots)))
+    return stall, tuple(self._scalars[slot] for slot in self.rhs_index(layer, experts))
+
+  def settle(self, layer: int, experts: Sequence[int]) -> tuple[list[Staged], list[int], np.ndarray]:
+    """`land`'s bookkeeping without the device work: these experts of `layer` count as resident from
+    now on. Returns (the copies in flight among them, their slots, `rhs_index` [E]): the caller
+    writes the copies into their slots on the device before computing with the index."""
+    staged, slots = self._settle([(layer, e) for e in experts if (layer, e) in self._in_flight])
+    return staged, slots, self.rhs_index(layer, experts)
+
+  def _settle(self, keys: Sequence[Key]) -> tuple[list[Staged], list[int]]:
+    entries = [self._in_flight.pop(key) for key in keys]
+    staged = [entry.staged for entry in entries]
     for entry in entries:
       entry.staged = None
-    index, slots = self.rhs_index(layer, experts), np.asarray(padded([e.slot for e in entries]), np.int32)
-    if wait:  # the device is idle now: one transfer for both
-      index, slots = jax.device_put([index, slots], self._sharding)
-    # else the device may be busy: the jitted calls take them as numpy, which never waits for it
-    if entries:
-      self.pools = _write_slots(self.store.layout, self.pools, tuple(padded(buffers)), slots)
     self._ranking = None
-    return stall, index
+    return staged, [entry.slot for entry in entries]
 
   def rhs_index(self, layer: int, experts: Iterable[int]) -> np.ndarray:
     """[E] int32 slot of each expert of `layer` for the kernels; the listed `experts` must be

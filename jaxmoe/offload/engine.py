@@ -8,9 +8,11 @@ Per step (prefill or one decode token):
      later layers
   3. logits of the last position -> next token
 The `resident` strategy keeps every expert on the device and needs no per-layer sync. Strategies that
-plan whole steps (oracle, noisy_oracle, learned) dispatch a layer's FFN on its cached experts before
-reading its routing and check a few layers later (`speculate`); a layer whose routing was not all
-cached is redone with step 2, so a good plan costs no per-layer sync and a bad one costs a redo.
+plan whole steps (oracle, noisy_oracle, learned) speculate: the host works out the whole step's cache
+decisions from the plan first, sends the step's small inputs in one transfer, issues the step's copies
+in one batch, dispatches every layer on its planned experts and reads all layers' routing once at the
+end; a layer that routed to an expert it did not have is redone with step 2 from there on. So a good
+plan costs no per-layer sync and a bad one a redo.
 The true router always decides what is computed: tokens and logits equal `jaxmoe.generate.generate`
 (bitwise in f32; in bf16 up to the excess precision XLA may keep inside the reference's single jit,
 which `--xla_allow_excess_precision=false` removes).
@@ -32,7 +34,7 @@ from jaxmoe import moe
 from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import strategies
-from jaxmoe.offload.cache import CopyRecord, ExpertCache, resident_pools
+from jaxmoe.offload.cache import CopyRecord, ExpertCache, padded, resident_pools, resolve, unpack_into
 from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
@@ -128,6 +130,8 @@ def _attend_route(structure: Structure, leaves, speculative, x, positions, layer
 
 
 def _expert_rows(cfg, pools, rhs_index, h, experts):
+  if isinstance(rhs_index, tuple):  # device scalars from `ExpertCache.land`
+    rhs_index = jnp.stack(rhs_index)
   d = moe.dispatch(experts, cfg.n_experts)
   return d, moe.expert_ffn(h[d.token_of_row], pools, d.group_sizes, cfg.activation,
                            rhs_index=rhs_index, impl=cfg.kernel_impl)
@@ -145,6 +149,18 @@ def _layer_ffn(structure: Structure, leaves, pools, rhs_index, h, x, experts, we
   layer = structure.merge(leaves)
   d, y_rows = _expert_rows(layer.moe.cfg, pools, rhs_index, h, experts)
   return _finish(layer, y_rows, d, weights, h, x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _scheduled_ffn(structure: Structure, layout, leaves, pools, buffers, slot_table, index_table,
+                   layer_id, h, x, experts, weights):
+  """A speculated layer: its planned copies `buffers` written into their slots (row `layer_id` of
+  slot_table [L, W]), then its MoE FFN reading the pools through row `layer_id` of index_table
+  [L, E]. One dispatch, device-resident arguments only. -> (x, pools)."""
+  pools = unpack_into(layout, pools, buffers, slot_table[layer_id])
+  layer = structure.merge(leaves)
+  d, y_rows = _expert_rows(layer.moe.cfg, pools, index_table[layer_id], h, experts)
+  return _finish(layer, y_rows, d, weights, h, x), pools
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -224,7 +240,7 @@ class OffloadStats:
 
 @dataclasses.dataclass
 class _Speculated:
-  """A layer whose expert FFN was dispatched before its routing was read on the host."""
+  """A layer whose expert FFN was dispatched on its planned experts before its routing was read."""
 
   layer: int
   holders: dict  # expert -> the cache entry whose slot the FFN read (the layer's cached experts)
@@ -240,24 +256,22 @@ class OffloadEngine:
   `predictor` serves the `learned` strategy; `issue` ("main" or "thread") is how prefetch copies
   are issued (`jaxmoe.offload.prefetch`).
 
-  `speculate`: for strategies that plan whole steps (`Strategy.speculative`: oracle, noisy_oracle,
-  learned), a layer's expert FFN is dispatched with the layer's cached experts before the host has
-  read the layer's routing, and the routing is checked up to `speculate` layers later. If every
-  routed expert was in the pool, the FFN computed exactly what the router chose; if not, the step
-  is redone from that layer with the routing read first (copies fetched on demand), and the later
-  layers' attention rewrites its KV-cache entries. Either way the outputs are exact; a correct plan
-  saves the per-layer host round trip. 0 reads every layer's routing before its FFN."""
+  `speculate`: strategies that plan whole steps (`Strategy.speculative`: oracle, noisy_oracle,
+  learned) dispatch a step's layers on the planned experts before the host reads their routing, which
+  it checks once at the step's end. If every routed expert was in the pool, each FFN computed exactly
+  what the router chose; if not, the step is redone from the first such layer with the routing read
+  first (misses fetched on demand), and the later layers' attention rewrites its KV-cache entries.
+  Either way the outputs are exact; a correct plan saves every per-layer host round trip. A step
+  follows the previous one's outcome: after a step whose routed experts were not all cached, the next
+  reads its routing layer by layer (a weak plan costs one redo, not one per step)."""
 
   def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
                store: ExpertStore | None = None, device: jax.Device | None = None,
-               issue: str = "main", speculate: int = 2):
+               issue: str = "main", speculate: bool = True):
     cfg = model.cfg
     self.cfg = cfg
-    if speculate < 0:
-      raise ValueError(f"speculate must be >= 0 (layers dispatched ahead of their routing check), "
-                       f"got {speculate}")
-    self.speculate = speculate
+    self.speculate = bool(speculate)
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
     self.strategy = strategy
@@ -269,6 +283,7 @@ class OffloadEngine:
     # compiles once per shape.
     self._sharding = device_sharding(device or self.store.device)
     self._head, self._head_leaves, self._layer, self._layer_leaves = split_model(model, self._put)
+    self._layer_ids = self._put([np.int32(layer) for layer in range(cfg.n_layers)])
 
     self.cache: ExpertCache | None = None
     self.prefetcher: Prefetcher | None = None
@@ -295,6 +310,7 @@ class OffloadEngine:
     self._plan: list[list[int]] = []
     self._future_uses: dict[tuple[int, int], list[int]] = {}  # (layer, expert) -> later-step clocks
     self._unread_routing: list[list[jax.Array]] = []  # resident: [step][layer] experts [B*T, k]
+    self._plan_complete = True  # the last step found every routed expert cached: speculate
     self.stats = stats
 
   def _put(self, tree):
@@ -372,6 +388,7 @@ class OffloadEngine:
                 for c in init_cache(cfg, b).layers]
     self._pos, self._step, self._history = 0, 0, prompt
     self._unread_routing = []
+    self._plan_complete = True
     self.stats = OffloadStats(hits=[0] * cfg.n_layers, misses=[0] * cfg.n_layers,
                               stall_s=[0.0] * cfg.n_layers, batch=b,
                               start_s=time.perf_counter() if start is None else start)
@@ -391,69 +408,85 @@ class OffloadEngine:
     """One forward step over new tokens [B, T] at the current position -> last logits [B, V]."""
     cfg = self.cfg
     b, t = tokens.shape
-    # one host-to-device call per step for the small inputs every layer shares, before the step's
-    # prefetch copies (which it would otherwise queue behind)
-    pos, positions, tokens = self._host_inputs(
-        np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)), tokens)
-    self._plan_step(t)
-    x = _embed(self._head, self._head_leaves, tokens)
-    window = self.speculate if self._resident is None and self.strategy.speculative else 0
-    pending: list[_Speculated] = []  # speculated layers not yet checked, oldest first
+    host = (np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)),
+            tokens)
+    misses = sum(self.stats.misses)
+    if (self.speculate and self._resident is None and self.strategy.speculative
+        and self._plan_complete):
+      pos, positions, x, first = self._speculative_step(host, t)
+    else:
+      # one host-to-device call per step for the small inputs every layer shares, before the step's
+      # prefetch copies (which it would otherwise queue behind)
+      pos, positions, tokens = self._host_inputs(*host)
+      self._plan_step(t)
+      x, first = _embed(self._head, self._head_leaves, tokens), 0
     routed = []
-    layer = 0
-    while True:
-      if layer < cfg.n_layers:
-        depth = self.strategy.speculation_depth
-        ahead = tuple(self._layer_leaves[layer + 1:layer + 1 + depth])
-        x, h, experts, weights, self._kv[layer], speculated = _attend_route(
-            self._layer, self._layer_leaves[layer], ahead, x, positions, self._kv[layer], pos)
-        if self._resident is not None:
-          x = self._resident_ffn(layer, h, x, experts, weights)
-          routed.append(experts)
-        elif window:
-          x = self._speculative_ffn(layer, x, h, experts, weights, pending)
-        else:
-          x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
-        layer += 1
-        failed = self._check_speculated(pending, keep=window)
+    for layer in range(first, cfg.n_layers):
+      depth = self.strategy.speculation_depth
+      ahead = tuple(self._layer_leaves[layer + 1:layer + 1 + depth])
+      x, h, experts, weights, self._kv[layer], speculated = _attend_route(
+          self._layer, self._layer_leaves[layer], ahead, x, positions, self._kv[layer], pos)
+      if self._resident is not None:
+        x = self._resident_ffn(layer, h, x, experts, weights)
+        routed.append(experts)
       else:
-        failed = self._check_speculated(pending, keep=0)
-        if failed is None:
-          break
-      if failed is not None:  # redo from the failed layer, reading routing first from here on
-        window = 0
-        no_guess = np.zeros((0,) + failed.experts.shape, np.int32)
-        x = self._offloaded_ffn(failed.layer, failed.x, failed.h, failed.experts, failed.weights,
-                                no_guess)
-        layer = failed.layer + 1
+        x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
     logits = _last_logits(self._head, self._head_leaves, x)
     if self._resident is not None:
       self._record_resident_routing(routed)
+    self._plan_complete = sum(self.stats.misses) == misses
     self._pos += t
     return logits
 
-  def _speculative_ffn(self, layer: int, x, h, experts, weights, pending: list[_Speculated]):
-    """Dispatch the expert FFN of `layer` on whatever of its experts is cached (copies in flight are
-    written into the pool without the host waiting: the device waits for them) and remember it for
-    `_check_speculated`."""
-    cache = self.cache
-    cached = [e for e in range(self.cfg.n_experts) if cache.is_cached(layer, e)]
-    _, index = cache.land(layer, cached, wait=False)
-    pending.append(_Speculated(layer, cache.holders(layer, cached), x, h, experts, weights))
-    x = _layer_ffn(self._layer, self._layer_leaves[layer], cache.pools, index, h, x, experts, weights)
-    self._prefetch(first_layer=layer + 1)  # the check counts evicted experts' use via `holders`
-    return x
+  def _speculative_step(self, host: tuple[np.ndarray, ...], n_new: int):
+    """Every layer of the step dispatched on its planned experts, the routing read once at the end.
 
-  def _check_speculated(self, pending: list[_Speculated], keep: int) -> _Speculated | None:
-    """Read the routing of the oldest speculated layers until `keep` remain. Returns the first layer
-    that routed to an expert its FFN did not have (the later ones are dropped: they are redone), or
-    None."""
+    The host first plays the step's cache decisions through (the plan's copies, each layer's writes
+    and `rhs_index`, the copies for later layers that each layer's end releases), then sends the
+    step's small inputs and those tables in one transfer, then issues all the step's copies in one
+    batch: no explicit host-to-device transfer waits behind a copy, no layer waits for the host.
+    -> (pos, positions, x, the layer to continue from: n_layers, or the one after a redone layer)."""
+    cfg, cache = self.cfg, self.cache
+    n_layers = cfg.n_layers
+    self.prefetcher.defer()
+    self._plan_step(n_new)
+    writes, holders = [], []
+    slot_table = np.zeros((n_layers, 1 << max(cache.n_slots - 1, 0).bit_length()), np.int32)
+    index_table = np.zeros((n_layers, cfg.n_experts), np.int32)
+    for layer in range(n_layers):
+      cached = [e for e in range(cfg.n_experts) if cache.is_cached(layer, e)]
+      staged, slots, index_table[layer] = cache.settle(layer, cached)
+      slots = padded(slots)
+      slot_table[layer, :len(slots)] = slots
+      writes.append(padded(staged))
+      holders.append(cache.holders(layer, cached))
+      self._prefetch(first_layer=layer + 1)  # planned for later layers, into slots this one releases
+    pos, positions, tokens, slot_table, index_table = self._host_inputs(*host, slot_table, index_table)
+    self.prefetcher.issue_deferred()
+    x = _embed(self._head, self._head_leaves, tokens)
+    pending = []
+    for layer in range(n_layers):
+      leaves = self._layer_leaves[layer]
+      x, h, experts, weights, self._kv[layer], _ = _attend_route(
+          self._layer, leaves, (), x, positions, self._kv[layer], pos)
+      pending.append(_Speculated(layer, holders[layer], x, h, experts, weights))
+      x, cache.pools = _scheduled_ffn(
+          self._layer, self.store.layout, leaves, cache.pools, tuple(map(resolve, writes[layer])),
+          slot_table, index_table, self._layer_ids[layer], h, x, experts, weights)
+    failed = self._check_speculated(pending)
+    if failed is None:
+      return pos, positions, x, n_layers
+    no_guess = np.zeros((0,) + failed.experts.shape, np.int32)
+    x = self._offloaded_ffn(failed.layer, failed.x, failed.h, failed.experts, failed.weights, no_guess)
+    return pos, positions, x, failed.layer + 1
+
+  def _check_speculated(self, pending: list[_Speculated]) -> _Speculated | None:
+    """Read the routing of the speculated layers (one device-to-host call). Returns the first layer
+    that routed to an expert its FFN did not have (the later ones are redone), or None."""
     stats = self.stats
-    while len(pending) > keep:
-      spec = pending.pop(0)
-      needed = sorted(set(np.asarray(spec.experts).reshape(-1).tolist()))
+    for spec, routed in zip(pending, jax.device_get([spec.experts for spec in pending])):
+      needed = sorted(set(routed.reshape(-1).tolist()))
       if not spec.holders.keys() >= set(needed):
-        pending.clear()
         stats.redone += 1
         return spec
       if spec.layer == 0:

@@ -44,6 +44,7 @@ class Prefetcher:
     self._arrivals: queue.Queue = queue.Queue()
     self._watcher = threading.Thread(target=self._watch, name="expert-copy-watcher", daemon=True)
     self._watcher.start()
+    self._deferred: list | None = None  # copies held back by `defer` until `issue_deferred`
     self._issuer = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="expert-copy-issue")
                     if issue == "thread" else None)
     if self._issuer is not None:
@@ -71,7 +72,10 @@ class Prefetcher:
     records = [CopyRecord(layer, expert, self.step, reason, self.store.expert_bytes, issued)
                for layer, expert in keys]
     buffers = [self.store.buffer(layer, expert) for layer, expert in keys]
-    if now or self._issuer is None:
+    if not now and self._deferred is not None:
+      staged = [concurrent.futures.Future() for _ in keys]
+      self._deferred.append((records, buffers, staged))
+    elif now or self._issuer is None:
       staged = jax.device_put(buffers, self._sharding)
     else:
       staged = [concurrent.futures.Future() for _ in keys]
@@ -110,6 +114,22 @@ class Prefetcher:
     for key, slot, (staged, record) in zip(batch, slots, self.copy(batch, "prefetch", now=False)):
       self.cache.attach(*key, slot, staged, record)
     return len(batch)
+
+  def defer(self):
+    """Hold back prefetch copies until `issue_deferred`: a whole step's copies are then planned first
+    and issued as one batch, after the step's small inputs (an explicit host-to-device transfer queued
+    behind expert copies holds the host until they are done)."""
+    self._deferred = []
+
+  def issue_deferred(self):
+    """Issue every copy held back since `defer`, as one batch (on the issue thread if there is one)."""
+    held, self._deferred = self._deferred or [], None
+    if held:
+      records, buffers, futures = (sum((list(part) for part in parts), []) for parts in zip(*held))
+      if self._issuer is None:
+        self._issue(records, buffers, futures)
+      else:
+        self._issuer.submit(self._issue, records, buffers, futures)
 
   def drain(self):
     """Wait until every issued copy has landed and been time-stamped."""

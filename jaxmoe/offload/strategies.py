@@ -124,8 +124,10 @@ class Oracle(Strategy):
 
 
 class NoisyOracle(Oracle):
-  """The oracle with recall degraded to `recall`: each step and layer keeps round(recall * n) of the n
-  true experts (chosen at random) and fills the rest with wrong ones, so the copy volume is unchanged."""
+  """The oracle with recall degraded to `recall`: each true expert of each step and layer is kept with
+  probability `recall` and otherwise replaced by a wrong one, so the copy volume is unchanged and the
+  expected recall is `recall` even when a layer routes to only a couple of experts (keeping
+  round(recall * n) of n = 2 experts would make 0.7 and 0.9 the same as 0.5 and 1.0)."""
 
   name = "noisy_oracle"
 
@@ -138,10 +140,9 @@ class NoisyOracle(Oracle):
       layers = []
       for experts in step:
         experts = list(map(int, experts))
-        keep = int(round(recall * len(experts)))
-        kept = list(rng.permutation(experts)[:keep]) if experts else []
+        kept = [e for e in experts if rng.random() < recall]
         wrong = [e for e in range(n_experts) if e not in experts]
-        fill = list(rng.permutation(wrong)[:len(experts) - keep]) if wrong else []
+        fill = list(rng.permutation(wrong)[:len(experts) - len(kept)]) if wrong else []
         layers.append([int(e) for e in kept + fill])
       noisy.append(layers)
     super().__init__(noisy)
