@@ -137,7 +137,7 @@ class ExpertCache:
     self.pools = _empty_pools(store, n_slots, device or store.device)  # {name: [S, ...]}
     self._sharding = device_sharding(device or store.device)
     # int32 device scalars 0..n_slots-1: slot numbers reach jitted calls without a transfer
-    self._scalars = tuple(jax.device_put([np.int32(i) for i in range(n_slots)], self._sharding))
+    self.scalars = tuple(jax.device_put([np.int32(i) for i in range(n_slots)], self._sharding))
     self._entries: dict[Key, _Entry] = {}
     self._in_flight: dict[Key, _Entry] = {}  # the entries whose copy is not yet written
     self._ranking: list[Key] | None = None  # entries, best victim first (None: to be sorted)
@@ -257,8 +257,8 @@ class ExpertCache:
     buffers, slots = self._settle(sorted(landed))
     if buffers:
       self.pools = _write_slots(self.store.layout, self.pools, tuple(padded(map(resolve, buffers))),
-                                tuple(self._scalars[slot] for slot in padded(slots)))
-    return stall, tuple(self._scalars[slot] for slot in self.rhs_index(layer, experts))
+                                tuple(self.scalars[slot] for slot in padded(slots)))
+    return stall, tuple(self.scalars[slot] for slot in self.rhs_index(layer, experts))
 
   def settle(self, layer: int, experts: Sequence[int]) -> tuple[list[Staged], list[int], np.ndarray]:
     """`land`'s bookkeeping without the device work: these experts of `layer` count as resident from

@@ -152,14 +152,14 @@ def _layer_ffn(structure: Structure, leaves, pools, rhs_index, h, x, experts, we
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _scheduled_ffn(structure: Structure, layout, leaves, pools, buffers, slot_table, index_table,
-                   layer_id, h, x, experts, weights):
-  """A speculated layer: its planned copies `buffers` written into their slots (row `layer_id` of
-  slot_table [L, W]), then its MoE FFN reading the pools through row `layer_id` of index_table
-  [L, E]. One dispatch, device-resident arguments only. -> (x, pools)."""
-  pools = unpack_into(layout, pools, buffers, slot_table[layer_id])
+def _scheduled_ffn(structure: Structure, layout, leaves, pools, buffers, slots, rhs_index, h, x, experts,
+                   weights):
+  """A speculated layer: its planned copies `buffers` written into `slots`, then its MoE FFN on the
+  pools. One dispatch; slots and rhs_index are tuples of device scalars (`ExpertCache.scalars`), so
+  nothing small crosses to the device. -> (x, pools)."""
+  pools = unpack_into(layout, pools, buffers, slots)
   layer = structure.merge(leaves)
-  d, y_rows = _expert_rows(layer.moe.cfg, pools, index_table[layer_id], h, experts)
+  d, y_rows = _expert_rows(layer.moe.cfg, pools, rhs_index, h, experts)
   return _finish(layer, y_rows, d, weights, h, x), pools
 
 
@@ -261,9 +261,12 @@ class OffloadEngine:
   it checks once at the step's end. If every routed expert was in the pool, each FFN computed exactly
   what the router chose; if not, the step is redone from the first such layer with the routing read
   first (misses fetched on demand), and the later layers' attention rewrites its KV-cache entries.
-  Either way the outputs are exact; a correct plan saves every per-layer host round trip. A step
-  follows the previous one's outcome: after a step whose routed experts were not all cached, the next
-  reads its routing layer by layer (a weak plan costs one redo, not one per step)."""
+  Either way the outputs are exact; a correct plan saves every per-layer host round trip. After a
+  redone layer the rest of the step is speculated again. The engine speculates only while the plan's
+  running per-layer hit rate is at least `SPECULATE_HIT_RATE` and the step's plan fits in the cache
+  (a prompt's usually does not): a weak plan would pay a redo at nearly every layer."""
+
+  SPECULATE_HIT_RATE = 0.75
 
   def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
@@ -283,7 +286,6 @@ class OffloadEngine:
     # compiles once per shape.
     self._sharding = device_sharding(device or self.store.device)
     self._head, self._head_leaves, self._layer, self._layer_leaves = split_model(model, self._put)
-    self._layer_ids = self._put([np.int32(layer) for layer in range(cfg.n_layers)])
 
     self.cache: ExpertCache | None = None
     self.prefetcher: Prefetcher | None = None
@@ -299,6 +301,9 @@ class OffloadEngine:
       self.cache = ExpertCache(self.store, cache_bytes, strategy.eviction, device)
       self.prefetcher = Prefetcher(self.store, self.cache, device, issue)
 
+    # running share of layers whose routed experts were all cached when the layer ran (the plan's
+    # per-layer hit rate): speculation pays only while it stays high
+    self._layer_hit_rate = 1.0
     self._init_request_state(OffloadStats())
 
   def _init_request_state(self, stats: OffloadStats):
@@ -310,7 +315,6 @@ class OffloadEngine:
     self._plan: list[list[int]] = []
     self._future_uses: dict[tuple[int, int], list[int]] = {}  # (layer, expert) -> later-step clocks
     self._unread_routing: list[list[jax.Array]] = []  # resident: [step][layer] experts [B*T, k]
-    self._plan_complete = True  # the last step found every routed expert cached: speculate
     self.stats = stats
 
   def _put(self, tree):
@@ -388,7 +392,6 @@ class OffloadEngine:
                 for c in init_cache(cfg, b).layers]
     self._pos, self._step, self._history = 0, 0, prompt
     self._unread_routing = []
-    self._plan_complete = True
     self.stats = OffloadStats(hits=[0] * cfg.n_layers, misses=[0] * cfg.n_layers,
                               stall_s=[0.0] * cfg.n_layers, batch=b,
                               start_s=time.perf_counter() if start is None else start)
@@ -408,20 +411,23 @@ class OffloadEngine:
     """One forward step over new tokens [B, T] at the current position -> last logits [B, V]."""
     cfg = self.cfg
     b, t = tokens.shape
-    host = (np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)),
-            tokens)
-    misses = sum(self.stats.misses)
-    if (self.speculate and self._resident is None and self.strategy.speculative
-        and self._plan_complete):
-      pos, positions, x, first = self._speculative_step(host, t)
-    else:
-      # one host-to-device call per step for the small inputs every layer shares, before the step's
-      # prefetch copies (which it would otherwise queue behind)
-      pos, positions, tokens = self._host_inputs(*host)
-      self._plan_step(t)
-      x, first = _embed(self._head, self._head_leaves, tokens), 0
+    speculative = self.speculate and self._resident is None and self.strategy.speculative
+    for prefetcher in self._prefetchers():  # the plan's copies go after the step's small inputs
+      prefetcher.defer()
+    self._plan_step(t)
+    # one host-to-device call per step for the small inputs every layer shares, before the step's
+    # prefetch copies (which it would otherwise queue behind)
+    pos, positions, tokens = self._host_inputs(
+        np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)), tokens)
+    x = _embed(self._head, self._head_leaves, tokens)
     routed = []
-    for layer in range(first, cfg.n_layers):
+    layer = 0
+    while layer < cfg.n_layers:
+      if speculative and self._worth_speculating(layer):
+        x, layer = self._speculate_from(layer, x, positions, pos)
+        continue
+      for prefetcher in self._prefetchers():
+        prefetcher.issue_deferred()
       depth = self.strategy.speculation_depth
       ahead = tuple(self._layer_leaves[layer + 1:layer + 1 + depth])
       x, h, experts, weights, self._kv[layer], speculated = _attend_route(
@@ -431,54 +437,55 @@ class OffloadEngine:
         routed.append(experts)
       else:
         x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
+      layer += 1
     logits = _last_logits(self._head, self._head_leaves, x)
     if self._resident is not None:
       self._record_resident_routing(routed)
-    self._plan_complete = sum(self.stats.misses) == misses
     self._pos += t
     return logits
 
-  def _speculative_step(self, host: tuple[np.ndarray, ...], n_new: int):
-    """Every layer of the step dispatched on its planned experts, the routing read once at the end.
+  def _worth_speculating(self, layer: int) -> bool:
+    planned = sum(len(experts) for experts in self._plan[layer:])
+    return self._layer_hit_rate >= self.SPECULATE_HIT_RATE and planned <= self.cache.n_slots
 
-    The host first plays the step's cache decisions through (the plan's copies, each layer's writes
-    and `rhs_index`, the copies for later layers that each layer's end releases), then sends the
-    step's small inputs and those tables in one transfer, then issues all the step's copies in one
-    batch: no explicit host-to-device transfer waits behind a copy, no layer waits for the host.
-    -> (pos, positions, x, the layer to continue from: n_layers, or the one after a redone layer)."""
+  def _count_layer(self, all_cached: bool):
+    self._layer_hit_rate += 0.1 * (float(all_cached) - self._layer_hit_rate)
+
+  def _speculate_from(self, first: int, x, positions, pos) -> tuple[jax.Array, int]:
+    """Layers first.. dispatched on their planned experts, their routing read once at the end.
+
+    The host first plays these layers' cache decisions through (each layer's writes and
+    `rhs_index`, and the copies for later layers that each layer releases slots for), then issues
+    all the copies held back in one batch and dispatches one attention and one write+FFN call per
+    layer, every argument already on the device: no layer waits for the host. A layer that routed
+    to an expert it lacked is redone with its routing read first.
+    -> (x after the last good or redone layer, the layer to go on from)."""
     cfg, cache = self.cfg, self.cache
-    n_layers = cfg.n_layers
-    self.prefetcher.defer()
-    self._plan_step(n_new)
-    writes, holders = [], []
-    slot_table = np.zeros((n_layers, 1 << max(cache.n_slots - 1, 0).bit_length()), np.int32)
-    index_table = np.zeros((n_layers, cfg.n_experts), np.int32)
-    for layer in range(n_layers):
+    scalars = cache.scalars
+    self.prefetcher.defer()  # (copies of the step's plan may already be held)
+    schedule = []
+    for layer in range(first, cfg.n_layers):
       cached = [e for e in range(cfg.n_experts) if cache.is_cached(layer, e)]
-      staged, slots, index_table[layer] = cache.settle(layer, cached)
-      slots = padded(slots)
-      slot_table[layer, :len(slots)] = slots
-      writes.append(padded(staged))
-      holders.append(cache.holders(layer, cached))
+      staged, slots, index = cache.settle(layer, cached)
+      schedule.append((staged, tuple(scalars[i] for i in padded(slots)),
+                       tuple(scalars[i] for i in index), cache.holders(layer, cached)))
       self._prefetch(first_layer=layer + 1)  # planned for later layers, into slots this one releases
-    pos, positions, tokens, slot_table, index_table = self._host_inputs(*host, slot_table, index_table)
     self.prefetcher.issue_deferred()
-    x = _embed(self._head, self._head_leaves, tokens)
     pending = []
-    for layer in range(n_layers):
+    for layer, (staged, slots, index, holders) in enumerate(schedule, start=first):
       leaves = self._layer_leaves[layer]
       x, h, experts, weights, self._kv[layer], _ = _attend_route(
           self._layer, leaves, (), x, positions, self._kv[layer], pos)
-      pending.append(_Speculated(layer, holders[layer], x, h, experts, weights))
-      x, cache.pools = _scheduled_ffn(
-          self._layer, self.store.layout, leaves, cache.pools, tuple(map(resolve, writes[layer])),
-          slot_table, index_table, self._layer_ids[layer], h, x, experts, weights)
+      pending.append(_Speculated(layer, holders, x, h, experts, weights))
+      x, cache.pools = _scheduled_ffn(self._layer, self.store.layout, leaves, cache.pools,
+                                      tuple(padded(map(resolve, staged))), slots, index, h, x,
+                                      experts, weights)
     failed = self._check_speculated(pending)
     if failed is None:
-      return pos, positions, x, n_layers
+      return x, cfg.n_layers
     no_guess = np.zeros((0,) + failed.experts.shape, np.int32)
     x = self._offloaded_ffn(failed.layer, failed.x, failed.h, failed.experts, failed.weights, no_guess)
-    return pos, positions, x, failed.layer + 1
+    return x, failed.layer + 1
 
   def _check_speculated(self, pending: list[_Speculated]) -> _Speculated | None:
     """Read the routing of the speculated layers (one device-to-host call). Returns the first layer
@@ -489,6 +496,7 @@ class OffloadEngine:
       if not spec.holders.keys() >= set(needed):
         stats.redone += 1
         return spec
+      self._count_layer(True)
       if spec.layer == 0:
         stats.routing.append([])
       stats.routing[-1].append(needed)
@@ -592,10 +600,14 @@ class OffloadEngine:
     stats.hits[layer] += hits
     stats.misses[layer] += misses
     stats.stall_s[layer] += stall
+    self._count_layer(misses == 0)
     return x
 
   def _caches(self) -> list[ExpertCache]:
     return [self.cache]
+
+  def _prefetchers(self) -> list[Prefetcher]:
+    return [] if self.prefetcher is None else [self.prefetcher]
 
   def _prefetch(self, first_layer: int):
     """Issue the plan's copies for layers >= first_layer."""

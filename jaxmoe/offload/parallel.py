@@ -218,7 +218,7 @@ class ExpertParallelEngine(OffloadEngine):
     if len(set(self.devices)) != n:
       raise ValueError(f"devices must be distinct, got {self.devices}")
     self.n_devices = n
-    self.speculate = 0  # every layer's routing is read before its FFN (no speculative dispatch)
+    self.speculate = False  # every layer's routing is read before its FFN (no speculative dispatch)
     self.mesh = Mesh(np.array(self.devices), (AXIS,))
     self.owner = owners(cfg.n_experts, n)  # [E]
     self.owned = [[int(e) for e in np.flatnonzero(self.owner == d)] for d in range(n)]
@@ -449,6 +449,9 @@ class ExpertParallelEngine(OffloadEngine):
 
   def _caches(self) -> list[ExpertCache]:
     return self.caches
+
+  def _prefetchers(self) -> list[Prefetcher]:
+    return self.prefetchers
 
   def _prefetch(self, first_layer: int):
     """Issue the plan's copies for layers >= first_layer, each on its owner's link."""

@@ -116,10 +116,11 @@ class Prefetcher:
     return len(batch)
 
   def defer(self):
-    """Hold back prefetch copies until `issue_deferred`: a whole step's copies are then planned first
-    and issued as one batch, after the step's small inputs (an explicit host-to-device transfer queued
-    behind expert copies holds the host until they are done)."""
-    self._deferred = []
+    """Hold back prefetch copies until `issue_deferred` (copies already held stay held): a step's
+    copies are then planned first and issued as one batch, after the step's small inputs (an explicit
+    host-to-device transfer queued behind expert copies holds the host until they are done)."""
+    if self._deferred is None:
+      self._deferred = []
 
   def issue_deferred(self):
     """Issue every copy held back since `defer`, as one batch (on the issue thread if there is one)."""

@@ -106,7 +106,8 @@ def test_prefetch_from_an_issue_thread_is_exact(swiglu_reference, name):
                                         ("noisy_oracle", 3), ("oracle", 5)])
 def test_speculative_dispatch_is_exact(swiglu_reference, name, slots, speculate):
   """FFNs dispatched before their routing is read: a complete plan is never redone, a wrong one is
-  redone from the first layer that lacked an expert; the outputs are exact either way."""
+  redone from the first layer that lacked an expert (and the rest of the step speculated again); the
+  outputs are exact either way."""
   ref = swiglu_reference
   with OffloadEngine(ref.model, cache_bytes=slots * ref.cfg.expert_bytes,
                      strategy=_strategy(name, ref), speculate=speculate) as engine:
@@ -114,10 +115,11 @@ def test_speculative_dispatch_is_exact(swiglu_reference, name, slots, speculate)
   np.testing.assert_array_equal(tokens, ref.out.tokens)
   np.testing.assert_array_equal(stats.logits, ref.out.logits)
   assert stats.routing == ref.routing
-  if not speculate or slots == 16:  # a complete plan with room for it
+  if speculate and name in ("learned_wrong", "noisy_oracle"):
+    # wrong plans are redone until the plan's running per-layer hit rate stops the speculation
+    assert 0 < stats.redone < NEW_TOKENS
+  else:  # a complete plan; or one the cache cannot hold through a step (oracle, 5 slots): not tried
     assert stats.redone == 0
-  else:
-    assert stats.redone > 0
 
 
 def test_speculated_layers_keep_their_experts_until_checked():
