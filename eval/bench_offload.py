@@ -200,6 +200,11 @@ def bench(args) -> dict:
     for name in warmup:
       for label, prompt, tokens in requests:
         run(model, store, cfg, name, args, slots, prompt, min(tokens, 2), None, None)
+    if args.speculate and {"oracle", "noisy_oracle", "learned"} & set(args.strategies):
+      # speculative steps write and compute in one program per count of copies written: a whole
+      # oracle request compiles the counts decoding meets
+      label, prompt, tokens = requests[0]
+      run(model, store, cfg, "oracle", args, slots, prompt, tokens, routing[label], None)
     for name in args.strategies:
       if (name == "resident" and slots < n_all) or (name == "on_demand" and pct != min(args.budgets)):
         continue  # resident needs every expert; on_demand keeps nothing, so no budget changes it

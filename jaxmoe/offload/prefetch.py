@@ -2,14 +2,17 @@
 when it landed.
 
 Issue model: a `device_put` only overlaps device work dispatched *after* it (it is ordered behind
-everything already queued). The engine calls `prefetch` at step start, before any compute of the step,
-and right after each layer's FFN is dispatched (those copies wait for that FFN only, then overlap the
-later layers; issued there, they may take the slots of the layer just computed). Each copy takes only
-the slot Belady's MIN would free for it (`ExpertCache.reserve(prefetch=True)`). With `issue="main"` (the default) prefetch
-copies are issued from the calling thread; with `issue="thread"` one issue thread, started with the
-prefetcher, runs the `device_put`s while the caller goes on dispatching compute (the ordering rule's
-other way out; the bench compares both). Demand copies are always issued at once by the caller. A
-watcher thread only waits on copies to time-stamp their arrival.
+everything already queued). The engine holds a step's planned copies (`defer`) until the step's small
+inputs are on the device (an explicit small host-to-device transfer queued behind expert copies holds
+the host until they land), then issues them as one batch (`issue_deferred`) before any compute of the
+step; copies for later layers follow each layer's FFN (they wait for that FFN only, then overlap the
+later layers; issued there, they may take the slots of the layer just computed). A speculated step
+plays all of that through on the host first and issues the whole step's copies in one batch. Each copy
+takes only the slot Belady's MIN would free for it (`ExpertCache.reserve(prefetch=True)`). With
+`issue="main"` (the default) prefetch copies are issued from the calling thread; with `issue="thread"`
+one issue thread, started with the prefetcher, runs the `device_put`s while the caller goes on
+dispatching compute (the ordering rule's other way out; the bench compares both). Demand copies are
+always issued at once by the caller. A watcher thread only waits on copies to time-stamp their arrival.
 """
 
 from __future__ import annotations
