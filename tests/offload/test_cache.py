@@ -1,6 +1,7 @@
 """Budgets, miss counting on a hand-built routing, eviction policies and the copy lower bound."""
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -157,3 +158,31 @@ def test_oracle_copies_close_to_belady():
   minimum = strategies.min_copies(routing, slots) - strategies.min_copies(routing[:1], slots)
   assert sum(stats.misses) == 0 and stats.bytes_wasted == 0 and stats.redone == 0
   assert minimum <= decode_copies <= 1.25 * minimum, (decode_copies, minimum)
+
+
+def test_deferred_prefetches_are_issued_as_one_batch(table):
+  """Copies planned while the prefetcher holds them are not issued until `issue_deferred`, then all
+  at once; each lands in its reserved slot with the right bytes, and demand copies never wait."""
+  from jaxmoe.offload.prefetch import Prefetcher
+  _, store = table
+  cache = ExpertCache(store, 4 * store.expert_bytes, "predicted")
+  with_prefetcher = Prefetcher(store, cache)
+  try:
+    with_prefetcher.defer()
+    with_prefetcher.defer()  # a second hold keeps what is held
+    assert with_prefetcher.prefetch([(0, 1), (1, 3)]) == 2
+    demand = with_prefetcher.copy([(0, 2)], "demand")  # issued now, held or not
+    assert demand[0][1].issue_s > 0
+    held = [cache._in_flight[key].record for key in [(0, 1), (1, 3)]]
+    before = time.perf_counter()
+    assert all(r.issue_s < before for r in held)  # planned, not yet issued
+    with_prefetcher.issue_deferred()
+    issued = {r.issue_s for r in held}
+    assert len(issued) == 1 and issued.pop() >= before  # one batch, issued now
+    with_prefetcher.issue_deferred()  # nothing held: a no-op
+    _, index = cache.land(1, [3])
+    slot = int(np.asarray(index)[3])
+    w = np.asarray(cache.pools["w_up"][slot]).reshape(-1)
+    np.testing.assert_array_equal(w, np.asarray(store.buffer(1, 3))[:w.size])
+  finally:
+    with_prefetcher.close()
