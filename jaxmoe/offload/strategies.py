@@ -153,24 +153,28 @@ class Learned(Strategy):
   """A routing predictor's scores [B, n_new, L, E] -> per layer, experts ranked by
   P(some new token needs it) = 1 - prod_tokens(1 - p), cut at `min_prob` and at a per-layer budget m.
 
-  m is `per_layer` if given, else chosen from the predictor's confidence and the cache: twice the
-  expected number of distinct experts the layer needs (sum over experts of P(needed)), at most an equal
-  share of the cache (n_slots // n_layers). A confident predictor thus copies little beyond what is
-  routed, an unsure one hedges, and no layer takes more than its share of the slots. On the H200 a
-  flat equal-share budget (8 per layer at top-2) copied 2.6x the useful bytes
-  (docs/results/gpu-2026-11-29)."""
+  m is `per_layer` if given, else chosen from the predictor's confidence and the cache: `hedge` times
+  the expected number of distinct experts the layer needs (sum over experts of P(needed)), at most an
+  equal share of the cache (n_slots // n_layers), so no layer takes more than its share of the slots.
+  hedge = 1 by default: on the H200 every copy costs host time, and hedging did not pay there. A flat
+  equal-share budget (8 per layer at top-2) copied 2.6x the useful bytes (docs/results/gpu-2026-11-29);
+  hedge = 2 (4 per layer at top-2) gave 35.4 ms per token at a 59 % hit rate, while the noisy oracle at
+  recall 0.5 with exactly 2 per layer gave 24.5 ms, in the same run (docs/results/gpu-2026-11-29-c)."""
 
   name = "learned"
   eviction = "predicted"
   speculative = True
 
-  def __init__(self, predictor, per_layer: int | None = None, min_prob: float = 0.0):
+  def __init__(self, predictor, per_layer: int | None = None, min_prob: float = 0.0, hedge: float = 1.0):
     for attr in ("scores", "n_layers", "n_experts"):
       if not hasattr(predictor, attr):
         raise TypeError(f"predictor needs `{attr}` (the RoutingPredictor protocol)")
     self.predictor = predictor
     self.per_layer = per_layer
     self.min_prob = min_prob
+    if hedge <= 0:
+      raise ValueError(f"hedge must be > 0 (copies per expected routed expert), got {hedge}")
+    self.hedge = hedge
 
   def plan_step(self, history, n_new, step, n_slots, n_layers):
     del step
@@ -183,7 +187,7 @@ class Learned(Strategy):
     share = max(1, n_slots // n_layers)
     plan = []
     for layer in range(n_layers):
-      m = self.per_layer or min(share, max(1, math.ceil(2 * p_any[layer].sum())))
+      m = self.per_layer or min(share, max(1, math.ceil(self.hedge * p_any[layer].sum() - 1e-9)))
       ranked = np.argsort(-p_any[layer], kind="stable")[:m]
       plan.append([int(e) for e in ranked if p_any[layer, e] > self.min_prob])
     return plan
