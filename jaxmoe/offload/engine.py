@@ -179,6 +179,22 @@ def _layer_finish(structure: Structure, leaves, y_rows, h, x, experts, weights):
   return _finish(layer, y_rows, moe.dispatch(experts, layer.moe.cfg.n_experts), weights, h, x)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="kv")
+def _resident_step(head: Structure, structure: Structure, head_leaves, layer_leaves, pools, kv,
+                   tokens, positions, pos):
+  """A whole step of the `resident` strategy in one program (every expert on the device, nothing to
+  decide on the host between layers): -> (last logits [B, V], KV caches, per-layer experts)."""
+  x = _embed(head, head_leaves, tokens)
+  routed, new_kv = [], []
+  for leaves, layer_pools, layer_cache in zip(layer_leaves, pools, kv):
+    x, h, experts, weights, layer_cache, _ = _attend_route(structure, leaves, (), x, positions,
+                                                          layer_cache, pos)
+    x = _layer_ffn(structure, leaves, layer_pools, None, h, x, experts, weights)
+    routed.append(experts)
+    new_kv.append(layer_cache)
+  return _last_logits(head, head_leaves, x), new_kv, routed
+
+
 # ---------------------------------------------------------------- statistics
 
 @dataclasses.dataclass
@@ -267,6 +283,7 @@ class OffloadEngine:
   (a prompt's usually does not): a weak plan would pay a redo at nearly every layer."""
 
   SPECULATE_HIT_RATE = 0.75
+  FUSED_RESIDENT_STEP = True  # `resident`: one program per step instead of two calls per layer
 
   def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
@@ -411,14 +428,23 @@ class OffloadEngine:
     """One forward step over new tokens [B, T] at the current position -> last logits [B, V]."""
     cfg = self.cfg
     b, t = tokens.shape
+    host = (np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)),
+            tokens)
+    if self._resident is not None and self.FUSED_RESIDENT_STEP:
+      pos, positions, tokens = self._host_inputs(*host)
+      logits, self._kv, routed = _resident_step(self._head, self._layer, self._head_leaves,
+                                                tuple(self._layer_leaves), tuple(self._resident),
+                                                self._kv, tokens, positions, pos)
+      self._record_resident_routing(routed)
+      self._pos += t
+      return logits
     speculative = self.speculate and self._resident is None and self.strategy.speculative
     for prefetcher in self._prefetchers():  # the plan's copies go after the step's small inputs
       prefetcher.defer()
     self._plan_step(t)
     # one host-to-device call per step for the small inputs every layer shares, before the step's
     # prefetch copies (which it would otherwise queue behind)
-    pos, positions, tokens = self._host_inputs(
-        np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)), tokens)
+    pos, positions, tokens = self._host_inputs(*host)
     x = _embed(self._head, self._head_leaves, tokens)
     routed = []
     layer = 0

@@ -204,6 +204,8 @@ class ExpertParallelEngine(OffloadEngine):
   `stats` totals over devices, with per-device hits, misses, stalls and copies (`ParallelStats`).
   """
 
+  FUSED_RESIDENT_STEP = False  # its resident FFN is the sharded per-layer `_resident_ffn`
+
   def __init__(self, model: MoELM, *, cache_bytes_per_device: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
                devices: Sequence[jax.Device] | None = None, store: ExpertStore | None = None):

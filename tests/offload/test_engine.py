@@ -43,12 +43,15 @@ def test_offloaded_generation_is_exact(reference, name):
   assert all(c.ready_s is not None and c.ready_s >= c.issue_s for c in stats.copies)
 
 
-def test_resident_is_exact_and_copies_nothing(swiglu_reference):
-  ref = swiglu_reference
+def test_resident_is_exact_and_copies_nothing(reference):
+  """The whole-step program of `resident`, on every model variant (swiglu; relu + gated shared
+  expert), gives the reference's tokens, logits and routing."""
+  ref = reference
   with OffloadEngine(ref.model, strategy="resident") as engine:
     tokens, stats = engine.generate(ref.prompt, NEW_TOKENS)
   np.testing.assert_array_equal(tokens, ref.out.tokens)
   np.testing.assert_array_equal(stats.logits, ref.out.logits)
+  assert stats.routing == ref.routing
   assert stats.bytes_copied == 0 and sum(stats.misses) == 0
 
 
