@@ -257,15 +257,20 @@ class ExpertCache:
     buffers, slots = self._settle(sorted(landed))
     if buffers:
       self.pools = _write_slots(self.store.layout, self.pools, tuple(padded(map(resolve, buffers))),
-                                tuple(self.scalars[slot] for slot in padded(slots)))
-    return stall, tuple(self.scalars[slot] for slot in self.rhs_index(layer, experts))
+                                self._on_device(padded(slots)))
+    return stall, self._on_device(self.rhs_index(layer, experts))
 
-  def settle(self, layer: int, experts: Sequence[int]) -> tuple[list[Staged], list[int], np.ndarray]:
+  def settle(self, layer: int, experts: Sequence[int]) -> tuple[list[Staged], tuple[jax.Array, ...],
+                                                                tuple[jax.Array, ...]]:
     """`land`'s bookkeeping without the device work: these experts of `layer` count as resident from
-    now on. Returns (the copies in flight among them, their slots, `rhs_index` [E]): the caller
-    writes the copies into their slots on the device before computing with the index."""
+    now on. Returns (the copies in flight among them, padded as `padded` does; their slots and
+    `rhs_index` [E], both as device scalars): the caller writes the copies into their slots on the
+    device before computing with the index."""
     staged, slots = self._settle([(layer, e) for e in experts if (layer, e) in self._in_flight])
-    return staged, slots, self.rhs_index(layer, experts)
+    return padded(staged), self._on_device(padded(slots)), self._on_device(self.rhs_index(layer, experts))
+
+  def _on_device(self, slot_numbers: Iterable[int]) -> tuple[jax.Array, ...]:
+    return tuple(self.scalars[slot] for slot in slot_numbers)
 
   def _settle(self, keys: Sequence[Key]) -> tuple[list[Staged], list[int]]:
     entries = [self._in_flight.pop(key) for key in keys]

@@ -34,7 +34,7 @@ from jaxmoe import moe
 from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import strategies
-from jaxmoe.offload.cache import CopyRecord, ExpertCache, padded, resident_pools, resolve, unpack_into
+from jaxmoe.offload.cache import CopyRecord, ExpertCache, resident_pools, resolve, unpack_into
 from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
@@ -130,7 +130,7 @@ def _attend_route(structure: Structure, leaves, speculative, x, positions, layer
 
 
 def _expert_rows(cfg, pools, rhs_index, h, experts):
-  if isinstance(rhs_index, tuple):  # device scalars from `ExpertCache.land`
+  if isinstance(rhs_index, tuple):  # device scalars (`ExpertCache.land` / `settle`)
     rhs_index = jnp.stack(rhs_index)
   d = moe.dispatch(experts, cfg.n_experts)
   return d, moe.expert_ffn(h[d.token_of_row], pools, d.group_sizes, cfg.activation,
@@ -487,14 +487,11 @@ class OffloadEngine:
     to an expert it lacked is redone with its routing read first.
     -> (x after the last good or redone layer, the layer to go on from)."""
     cfg, cache = self.cfg, self.cache
-    scalars = cache.scalars
     self.prefetcher.defer()  # (copies of the step's plan may already be held)
     schedule = []
     for layer in range(first, cfg.n_layers):
       cached = [e for e in range(cfg.n_experts) if cache.is_cached(layer, e)]
-      staged, slots, index = cache.settle(layer, cached)
-      schedule.append((staged, tuple(scalars[i] for i in padded(slots)),
-                       tuple(scalars[i] for i in index), cache.holders(layer, cached)))
+      schedule.append((*cache.settle(layer, cached), cache.holders(layer, cached)))
       self._prefetch(first_layer=layer + 1)  # planned for later layers, into slots this one releases
     self.prefetcher.issue_deferred()
     pending = []
@@ -504,8 +501,8 @@ class OffloadEngine:
           self._layer, leaves, (), x, positions, self._kv[layer], pos)
       pending.append(_Speculated(layer, holders, x, h, experts, weights))
       x, cache.pools = _scheduled_ffn(self._layer, self.store.layout, leaves, cache.pools,
-                                      tuple(padded(map(resolve, staged))), slots, index, h, x,
-                                      experts, weights)
+                                      tuple(map(resolve, staged)), slots, index, h, x, experts,
+                                      weights)
     failed = self._check_speculated(pending)
     if failed is None:
       return x, cfg.n_layers

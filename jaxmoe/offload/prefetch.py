@@ -129,7 +129,11 @@ class Prefetcher:
     """Issue every copy held back since `defer`, as one batch (on the issue thread if there is one)."""
     held, self._deferred = self._deferred or [], None
     if held:
-      records, buffers, futures = (sum((list(part) for part in parts), []) for parts in zip(*held))
+      records, buffers, futures = [], [], []
+      for batch_records, batch_buffers, batch_futures in held:
+        records += batch_records
+        buffers += batch_buffers
+        futures += batch_futures
       if self._issuer is None:
         self._issue(records, buffers, futures)
       else:
