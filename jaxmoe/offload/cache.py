@@ -246,8 +246,8 @@ class ExpertCache:
 
     The write's slots and the index are made of device scalars uploaded once, so landing transfers
     nothing small: on the H200 an explicit host-to-device transfer queued behind expert copies still
-    in flight (prefetches for later layers) held the host 1.5-2 ms, a numpy argument of a jitted call
-    ~0.9 ms (`eval/probe_host.py`)."""
+    in flight (prefetches for later layers) held the host 2.0-2.3 ms, a numpy argument of a jitted
+    call ~0.9 ms (`eval/probe_host.py`)."""
     waiting = [(layer, e) for e in experts if (layer, e) in self._in_flight]
     start = time.perf_counter()
     jax.block_until_ready([resolve(self._in_flight[key].staged) for key in waiting])
