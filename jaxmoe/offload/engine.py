@@ -8,11 +8,12 @@ Per step (prefill or one decode token):
      later layers
   3. logits of the last position -> next token
 The `resident` strategy keeps every expert on the device and needs no per-layer sync. Strategies that
-plan whole steps (oracle, noisy_oracle, learned) speculate: the host works out the whole step's cache
-decisions from the plan first, sends the step's small inputs in one transfer, issues the step's copies
-in one batch, dispatches every layer on its planned experts and reads all layers' routing once at the
-end; a layer that routed to an expert it did not have is redone with step 2 from there on. So a good
-plan costs no per-layer sync and a bad one a redo.
+plan whole steps (stream_all, oracle, noisy_oracle, learned) speculate: the host works out the whole
+step's cache decisions from the plan first, sends the step's small inputs in one transfer, issues the
+step's copies in one batch (or streams them through the cache when they outnumber its slots),
+dispatches every layer on its planned experts and reads all layers' routing once at the end; a layer
+that routed to an expert it did not have is redone with step 2 from there on. So a good plan costs no
+per-layer sync and a bad one a redo.
 The true router always decides what is computed: tokens and logits equal `jaxmoe.generate.generate`
 (bitwise in f32; in bf16 up to the excess precision XLA may keep inside the reference's single jit,
 which `--xla_allow_excess_precision=false` removes).
@@ -212,6 +213,7 @@ class OffloadStats:
   copies: list[CopyRecord] = dataclasses.field(default_factory=list)  # issue/ready, this request
   routing: list[list[list[int]]] = dataclasses.field(default_factory=list)  # [step][layer] experts
   redone: int = 0  # steps redone from a speculated layer that lacked a routed expert
+  speculated: int = 0  # layers computed on the plan before their routing was read (and found right)
   logits: np.ndarray | None = None  # [B, N, V] f32 of the generated tokens
   start_s: float = 0.0  # perf_counter at the request's start
 
@@ -249,7 +251,8 @@ class OffloadStats:
             "tokens_per_s": self.tokens_per_s, "bytes_copied": self.bytes_copied,
             "bytes_useful": self.bytes_useful, "bytes_wasted": self.bytes_wasted,
             "hits": list(self.hits), "misses": list(self.misses), "stall_s": list(self.stall_s),
-            "n_copies": len(self.copies), "redone": self.redone}
+            "n_copies": len(self.copies), "redone": self.redone,
+            "speculated": self.speculated}
 
 
 # ---------------------------------------------------------------- the engine
@@ -272,26 +275,32 @@ class OffloadEngine:
   `predictor` serves the `learned` strategy; `issue` ("main" or "thread") is how prefetch copies
   are issued (`jaxmoe.offload.prefetch`).
 
-  `speculate`: strategies that plan whole steps (`Strategy.speculative`: oracle, noisy_oracle,
-  learned) dispatch a step's layers on the planned experts before the host reads their routing, which
+  `speculate`: strategies that plan whole steps (`Strategy.speculative`: stream_all, oracle,
+  noisy_oracle, learned) dispatch a step's layers on the planned experts before the host reads their routing, which
   it checks once at the step's end. If every routed expert was in the pool, each FFN computed exactly
   what the router chose; if not, the step is redone from the first such layer with the routing read
   first (misses fetched on demand), and the later layers' attention rewrites its KV-cache entries.
   Either way the outputs are exact; a correct plan saves every per-layer host round trip. After a
-  redone layer the rest of the step is speculated again. The engine speculates only while the plan's
-  running per-layer hit rate is at least `SPECULATE_HIT_RATE` and the step's plan fits in the cache
-  (a prompt's usually does not): a weak plan would pay a redo at nearly every layer."""
+  redone layer the rest of the step is speculated again. A plan that always holds the routed experts
+  (`Strategy.plan_covers_routing`: stream_all, oracle) is speculated on every step, prompts included,
+  its copies streamed through the cache when they outnumber its slots. A guess is speculated only on
+  decode steps, while its running per-layer hit rate is at least `SPECULATE_HIT_RATE` and the step's
+  plan fits in the cache: a weak plan would pay a redo at nearly every layer.
+
+  `fuse_resident_step` (`resident` only): run a step as one program rather than two calls per layer.
+  Same results (bitwise on the CPU); on a GPU in bf16 XLA may round differently across the fused
+  program than across the per-layer calls that every offloaded strategy shares."""
 
   SPECULATE_HIT_RATE = 0.75
-  FUSED_RESIDENT_STEP = True  # `resident`: one program per step instead of two calls per layer
 
   def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
                store: ExpertStore | None = None, device: jax.Device | None = None,
-               issue: str = "main", speculate: bool = True):
+               issue: str = "main", speculate: bool = True, fuse_resident_step: bool = True):
     cfg = model.cfg
     self.cfg = cfg
     self.speculate = bool(speculate)
+    self.fuse_resident_step = bool(fuse_resident_step)
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
     self.strategy = strategy
@@ -430,7 +439,7 @@ class OffloadEngine:
     b, t = tokens.shape
     host = (np.int32(self._pos), np.broadcast_to(self._pos + np.arange(t, dtype=np.int32), (b, t)),
             tokens)
-    if self._resident is not None and self.FUSED_RESIDENT_STEP:
+    if self._resident is not None and self.fuse_resident_step:
       pos, positions, tokens = self._host_inputs(*host)
       logits, self._kv, routed = _resident_step(self._head, self._layer, self._head_leaves,
                                                 tuple(self._layer_leaves), tuple(self._resident),
@@ -449,7 +458,7 @@ class OffloadEngine:
     routed = []
     layer = 0
     while layer < cfg.n_layers:
-      if speculative and self._worth_speculating(layer):
+      if speculative and self._worth_speculating(layer, t):
         x, layer = self._speculate_from(layer, x, positions, pos)
         continue
       for prefetcher in self._prefetchers():
@@ -470,9 +479,18 @@ class OffloadEngine:
     self._pos += t
     return logits
 
-  def _worth_speculating(self, layer: int) -> bool:
+  def _worth_speculating(self, layer: int, n_new: int) -> bool:
+    """A plan that always holds the routed experts is speculated whenever each layer's part fits the
+    cache (a longer plan is streamed through it). A guess is speculated only on one-token steps, while
+    its running per-layer hit rate is high, and if it fits the cache: a prompt's routing spreads over
+    most experts of a layer, and a failed speculation wastes the layers after the miss."""
+    if max(len(experts) for experts in self._plan[layer:]) > self.cache.n_slots:
+      return False
+    if self.strategy.plan_covers_routing:
+      return True
     planned = sum(len(experts) for experts in self._plan[layer:])
-    return self._layer_hit_rate >= self.SPECULATE_HIT_RATE and planned <= self.cache.n_slots
+    return (n_new == 1 and self._layer_hit_rate >= self.SPECULATE_HIT_RATE
+            and planned <= self.cache.n_slots)
 
   def _count_layer(self, all_cached: bool):
     self._layer_hit_rate += 0.1 * (float(all_cached) - self._layer_hit_rate)
@@ -487,15 +505,22 @@ class OffloadEngine:
     to an expert it lacked is redone with its routing read first.
     -> (x after the last good or redone layer, the layer to go on from)."""
     cfg, cache = self.cfg, self.cache
-    self.prefetcher.defer()  # (copies of the step's plan may already be held)
-    schedule = []
+    prefetcher = self.prefetcher
+    prefetcher.defer()  # (copies of the step's plan may already be held)
+    schedule, released = [], []
     for layer in range(first, cfg.n_layers):
       cached = [e for e in range(cfg.n_experts) if cache.is_cached(layer, e)]
       schedule.append((*cache.settle(layer, cached), cache.holders(layer, cached)))
+      before = prefetcher.held[0]
       self._prefetch(first_layer=layer + 1)  # planned for later layers, into slots this one releases
-    self.prefetcher.issue_deferred()
+      released.append(prefetcher.held[0] - before)
+    # More copies than slots: stream them, each layer's released batch after its FFN (copies in
+    # flight then never outgrow the cache). Otherwise all at once, ahead of every layer.
+    streamed = prefetcher.held[1] > cache.n_slots
+    prefetcher.issue_deferred(prefetcher.held[0] - sum(released) if streamed else None)
     pending = []
-    for layer, (staged, slots, index, holders) in enumerate(schedule, start=first):
+    for i, (staged, slots, index, holders) in enumerate(schedule):
+      layer = first + i
       leaves = self._layer_leaves[layer]
       x, h, experts, weights, self._kv[layer], _ = _attend_route(
           self._layer, leaves, (), x, positions, self._kv[layer], pos)
@@ -503,6 +528,9 @@ class OffloadEngine:
       x, cache.pools = _scheduled_ffn(self._layer, self.store.layout, leaves, cache.pools,
                                       tuple(map(resolve, staged)), slots, index, h, x, experts,
                                       weights)
+      if streamed:
+        prefetcher.issue_deferred(released[i])
+    prefetcher.issue_deferred()
     failed = self._check_speculated(pending)
     if failed is None:
       return x, cfg.n_layers
@@ -520,6 +548,7 @@ class OffloadEngine:
         stats.redone += 1
         return spec
       self._count_layer(True)
+      stats.speculated += 1
       if spec.layer == 0:
         stats.routing.append([])
       stats.routing[-1].append(needed)

@@ -204,8 +204,6 @@ class ExpertParallelEngine(OffloadEngine):
   `stats` totals over devices, with per-device hits, misses, stalls and copies (`ParallelStats`).
   """
 
-  FUSED_RESIDENT_STEP = False  # its resident FFN is the sharded per-layer `_resident_ffn`
-
   def __init__(self, model: MoELM, *, cache_bytes_per_device: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
                devices: Sequence[jax.Device] | None = None, store: ExpertStore | None = None):
@@ -221,6 +219,7 @@ class ExpertParallelEngine(OffloadEngine):
       raise ValueError(f"devices must be distinct, got {self.devices}")
     self.n_devices = n
     self.speculate = False  # every layer's routing is read before its FFN (no speculative dispatch)
+    self.fuse_resident_step = False  # its resident FFN is the sharded per-layer `_resident_ffn`
     self.mesh = Mesh(np.array(self.devices), (AXIS,))
     self.owner = owners(cfg.n_experts, n)  # [E]
     self.owned = [[int(e) for e in np.flatnonzero(self.owner == d)] for d in range(n)]

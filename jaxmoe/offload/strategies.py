@@ -40,6 +40,7 @@ class Strategy:
   keeps_experts = True  # False: drop experts after their layer (naive on-demand loading)
   speculation_depth = 0  # gates of layers l+1..l+depth applied to layer l's hidden state
   speculative = False  # plans whole steps: the engine may compute a layer before reading its routing
+  plan_covers_routing = False  # the step's plan always holds every expert the router will choose
 
   def plan_step(self, history: np.ndarray, n_new: int, step: int, n_slots: int,
                 n_layers: int) -> StepPlan | None:
@@ -80,6 +81,8 @@ class LFU(Strategy):
 class StreamAll(Strategy):
   name = "stream_all"
   eviction = "predicted"
+  speculative = True
+  plan_covers_routing = True
 
   def __init__(self, n_experts: int):
     self.n_experts = n_experts
@@ -107,9 +110,13 @@ class NextGate(Strategy):
 
 
 class Oracle(Strategy):
+  """Replays the routing of an earlier exact run of the same request: a plan that always holds the
+  routed experts (the upper bound a predictor can reach)."""
+
   name = "oracle"
   eviction = "predicted"
   speculative = True
+  plan_covers_routing = True
 
   def __init__(self, routing: RoutingTrace, horizon: int = 16):
     self.routing = [[list(map(int, experts)) for experts in step] for step in routing]
@@ -130,6 +137,7 @@ class NoisyOracle(Oracle):
   round(recall * n) of n = 2 experts would make 0.7 and 0.9 the same as 0.5 and 1.0)."""
 
   name = "noisy_oracle"
+  plan_covers_routing = False
 
   def __init__(self, routing: RoutingTrace, n_experts: int, recall: float, seed: int = 0):
     if not 0.0 <= recall <= 1.0:

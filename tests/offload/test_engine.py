@@ -144,3 +144,28 @@ def test_speculated_layers_keep_their_experts_until_checked():
   np.testing.assert_array_equal(tokens, ref.tokens)
   np.testing.assert_array_equal(stats.logits, ref.logits)
   assert stats.routing == routing
+
+
+@pytest.mark.parametrize("name", ["stream_all", "oracle"])
+def test_complete_plans_longer_than_the_cache_stream_through_it(swiglu_reference, monkeypatch, name):
+  """A plan that always holds the routed experts is speculated on every step, the prompt included,
+  even when it outnumbers the cache's slots: its copies then go out in batches that never exceed the
+  slots (the ones a layer frees, after that layer's FFN), and nothing is redone."""
+  from jaxmoe.offload import prefetch
+  ref = swiglu_reference
+  cfg = ref.cfg
+  batches = []
+  issue = prefetch.Prefetcher._issue
+  monkeypatch.setattr(prefetch.Prefetcher, "_issue",
+                      lambda self, records, *a: (batches.append(len(records)), issue(self, records, *a)))
+  slots = 10  # above one layer's experts (8), below a prompt's or stream_all's whole step (16)
+  with OffloadEngine(ref.model, cache_bytes=slots * cfg.expert_bytes,
+                     strategy=_strategy(name, ref)) as engine:
+    tokens, stats = engine.generate(ref.prompt, NEW_TOKENS)
+  np.testing.assert_array_equal(tokens, ref.out.tokens)
+  np.testing.assert_array_equal(stats.logits, ref.out.logits)
+  assert stats.routing == ref.routing
+  assert stats.redone == 0 and sum(stats.misses) == 0
+  assert stats.speculated == NEW_TOKENS * cfg.n_layers  # every layer of every step
+  assert sum(c.step == 0 for c in stats.copies) > slots  # the prompt's copies streamed
+  assert batches and max(batches) <= slots
