@@ -8,12 +8,12 @@ Per step (prefill or one decode token):
      later layers
   3. logits of the last position -> next token
 The `resident` strategy keeps every expert on the device and needs no per-layer sync. Strategies that
-plan whole steps (stream_all, oracle, noisy_oracle, learned) speculate: the host works out the whole
-step's cache decisions from the plan first, sends the step's small inputs in one transfer, issues the
-step's copies in one batch (or streams them through the cache when they outnumber its slots),
-dispatches every layer on its planned experts and reads all layers' routing once at the end; a layer
-that routed to an expert it did not have is redone with step 2 from there on. So a good plan costs no
-per-layer sync and a bad one a redo.
+plan whole steps (stream_all, oracle, noisy_oracle, learned) speculate: the host sends the step's
+small inputs in one transfer and the plan's copies in one batch, then per layer settles the
+cache decisions, dispatches the layer on its planned experts and issues the copies into the slots it
+releases (a plan longer than the cache streams through it), and reads all layers' routing once at the
+end; a layer that routed to an expert it did not have is redone with step 2 from there on. So a good
+plan costs no per-layer sync and a bad one a redo.
 The true router always decides what is computed: tokens and logits equal `jaxmoe.generate.generate`
 (bitwise in f32; in bf16 up to the excess precision XLA may keep inside the reference's single jit,
 which `--xla_allow_excess_precision=false` removes).
@@ -498,39 +498,28 @@ class OffloadEngine:
   def _speculate_from(self, first: int, x, positions, pos) -> tuple[jax.Array, int]:
     """Layers first.. dispatched on their planned experts, their routing read once at the end.
 
-    The host first plays these layers' cache decisions through (each layer's writes and
-    `rhs_index`, and the copies for later layers that each layer releases slots for), then issues
-    all the copies held back in one batch and dispatches one attention and one write+FFN call per
-    layer, every argument already on the device: no layer waits for the host. A layer that routed
-    to an expert it lacked is redone with its routing read first.
+    The step's copies planned so far go out first. Then per layer the host settles the layer's cache
+    decisions (its copies written and its `rhs_index`, all as device-resident arguments), dispatches
+    one attention and one write+FFN call, and issues the plan's copies into the slots the layer
+    releases: those wait for its FFN only, so copies in flight never outgrow the cache even when the
+    plan does (it then streams through the cache), and the host plans the next layers while the
+    device computes. No layer waits for a routing read. A layer that routed to an expert it lacked
+    is redone with its routing read first.
     -> (x after the last good or redone layer, the layer to go on from)."""
     cfg, cache = self.cfg, self.cache
-    prefetcher = self.prefetcher
-    prefetcher.defer()  # (copies of the step's plan may already be held)
-    schedule, released = [], []
+    self.prefetcher.issue_deferred()
+    pending = []
     for layer in range(first, cfg.n_layers):
       cached = [e for e in range(cfg.n_experts) if cache.is_cached(layer, e)]
-      schedule.append((*cache.settle(layer, cached), cache.holders(layer, cached)))
-      before = prefetcher.held[0]
-      self._prefetch(first_layer=layer + 1)  # planned for later layers, into slots this one releases
-      released.append(prefetcher.held[0] - before)
-    # More copies than slots: stream them, each layer's released batch after its FFN (copies in
-    # flight then never outgrow the cache). Otherwise all at once, ahead of every layer.
-    streamed = prefetcher.held[1] > cache.n_slots
-    prefetcher.issue_deferred(prefetcher.held[0] - sum(released) if streamed else None)
-    pending = []
-    for i, (staged, slots, index, holders) in enumerate(schedule):
-      layer = first + i
+      staged, slots, index = cache.settle(layer, cached)
       leaves = self._layer_leaves[layer]
       x, h, experts, weights, self._kv[layer], _ = _attend_route(
           self._layer, leaves, (), x, positions, self._kv[layer], pos)
-      pending.append(_Speculated(layer, holders, x, h, experts, weights))
+      pending.append(_Speculated(layer, cache.holders(layer, cached), x, h, experts, weights))
       x, cache.pools = _scheduled_ffn(self._layer, self.store.layout, leaves, cache.pools,
                                       tuple(map(resolve, staged)), slots, index, h, x, experts,
                                       weights)
-      if streamed:
-        prefetcher.issue_deferred(released[i])
-    prefetcher.issue_deferred()
+      self._prefetch(first_layer=layer + 1)
     failed = self._check_speculated(pending)
     if failed is None:
       return x, cfg.n_layers

@@ -6,11 +6,9 @@ everything already queued). The engine holds a step's planned copies (`defer`) u
 inputs are on the device (an explicit small host-to-device transfer queued behind expert copies holds
 the host until they land), then issues them as one batch (`issue_deferred`) before any compute of the
 step; copies for later layers follow each layer's FFN (they wait for that FFN only, then overlap the
-later layers; issued there, they may take the slots of the layer just computed). A speculated step
-plays all of that through on the host first and issues the whole step's copies in one batch, or, when
-they outnumber the cache's slots, streams them: the copies into the slots a layer frees go out right
-after that layer's FFN, so copies in flight never take more memory than the cache. Each copy
-takes only the slot Belady's MIN would free for it (`ExpertCache.reserve(prefetch=True)`). With
+later layers; issued there, they may take the slots of the layer just computed), in a speculated
+step too, so copies in flight never take more memory than the cache. Each copy takes only the slot
+Belady's MIN would free for it (`ExpertCache.reserve(prefetch=True)`). With
 `issue="main"` (the default) prefetch copies are issued from the calling thread; with `issue="thread"`
 one issue thread, started with the prefetcher, runs the `device_put`s while the caller goes on
 dispatching compute (the ordering rule's other way out; the bench compares both). Demand copies are
@@ -127,21 +125,9 @@ class Prefetcher:
     if self._deferred is None:
       self._deferred = []
 
-  @property
-  def held(self) -> tuple[int, int]:
-    """(batches, copies) held back since `defer`."""
-    held = self._deferred or []
-    return len(held), sum(len(records) for records, _, _ in held)
-
-  def issue_deferred(self, batches: int | None = None):
-    """Issue the copies held back since `defer` as one batch (on the issue thread if there is one):
-    all of them, which ends the holding, or only the first `batches` held batches (the rest stay
-    held)."""
-    held = self._deferred or []
-    if batches is None:
-      self._deferred = None
-    else:
-      held, self._deferred = held[:batches], held[batches:]
+  def issue_deferred(self):
+    """Issue every copy held back since `defer`, as one batch (on the issue thread if there is one)."""
+    held, self._deferred = self._deferred or [], None
     if held:
       records, buffers, futures = [], [], []
       for batch_records, batch_buffers, batch_futures in held:

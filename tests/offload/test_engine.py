@@ -155,9 +155,9 @@ def test_complete_plans_longer_than_the_cache_stream_through_it(swiglu_reference
   ref = swiglu_reference
   cfg = ref.cfg
   batches = []
-  issue = prefetch.Prefetcher._issue
-  monkeypatch.setattr(prefetch.Prefetcher, "_issue",
-                      lambda self, records, *a: (batches.append(len(records)), issue(self, records, *a)))
+  copy = prefetch.Prefetcher.copy
+  monkeypatch.setattr(prefetch.Prefetcher, "copy",
+                      lambda self, keys, *a, **k: (batches.append(len(keys)), copy(self, keys, *a, **k))[1])
   slots = 10  # above one layer's experts (8), below a prompt's or stream_all's whole step (16)
   with OffloadEngine(ref.model, cache_bytes=slots * cfg.expert_bytes,
                      strategy=_strategy(name, ref)) as engine:
