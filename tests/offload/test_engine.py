@@ -169,3 +169,15 @@ def test_complete_plans_longer_than_the_cache_stream_through_it(swiglu_reference
   assert stats.speculated == NEW_TOKENS * cfg.n_layers  # every layer of every step
   assert sum(c.step == 0 for c in stats.copies) > slots  # the prompt's copies streamed
   assert batches and max(batches) <= slots
+
+
+def test_guesses_are_speculated_on_decode_steps_only(swiglu_reference):
+  """A predictor's plan is not known to hold the routing: even a right one is not speculated on the
+  prompt (a failed speculated prompt wastes the most), only on the decode steps after it."""
+  ref = swiglu_reference
+  with OffloadEngine(ref.model, cache_bytes=16 * ref.cfg.expert_bytes,
+                     strategy=_strategy("learned_right", ref)) as engine:
+    tokens, stats = engine.generate(ref.prompt, NEW_TOKENS)
+  np.testing.assert_array_equal(tokens, ref.out.tokens)
+  assert stats.redone == 0
+  assert stats.speculated == (NEW_TOKENS - 1) * ref.cfg.n_layers
