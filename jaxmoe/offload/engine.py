@@ -276,10 +276,11 @@ class OffloadEngine:
   are issued (`jaxmoe.offload.prefetch`).
 
   `speculate`: strategies that plan whole steps (`Strategy.speculative`: stream_all, oracle,
-  noisy_oracle, learned) dispatch a step's layers on the planned experts before the host reads their routing, which
-  it checks once at the step's end. If every routed expert was in the pool, each FFN computed exactly
-  what the router chose; if not, the step is redone from the first such layer with the routing read
-  first (misses fetched on demand), and the later layers' attention rewrites its KV-cache entries.
+  noisy_oracle, learned) dispatch a step's layers on the planned experts before the host reads their
+  routing, which it checks once at the step's end. If every routed expert was in the pool, each FFN
+  computed exactly what the router chose; if not, the step is redone from the first such layer with
+  the routing read first (misses fetched on demand), and the later layers' attention rewrites its
+  KV-cache entries.
   Either way the outputs are exact; a correct plan saves every per-layer host round trip. After a
   redone layer the rest of the step is speculated again. A plan that always holds the routed experts
   (`Strategy.plan_covers_routing`: stream_all, oracle) is speculated on every step, prompts included,
