@@ -314,7 +314,8 @@ def stage_analytic(res: dict[str, Any], cfg, new_tokens: int) -> None:
 
 def targets(rows: dict[str, dict]) -> list[dict[str, Any]]:
   """The main job's speed targets (per-token latency of `learned` vs `on_demand` and `oracle`; the
-  best time-to-first-token vs its PCIe bound), each with its measured value and verdict."""
+  best time-to-first-token vs its PCIe bound, and the best of the strategies a deployment could run,
+  the oracles left out), each with its measured value and verdict."""
   out = []
   if {"learned", "on_demand"} <= rows.keys():
     v = rows["on_demand"]["tpot_s"] / rows["learned"]["tpot_s"]
@@ -326,11 +327,18 @@ def targets(rows: dict[str, dict]) -> list[dict[str, Any]]:
                 "met": v <= 1.3})
   offloaded = [r for n, r in rows.items() if n != "resident"]
   if offloaded:
-    best = min(offloaded, key=lambda r: r["ttft_s"])
-    v = best["ttft_s"] / best["ttft_bound_s"]
-    out.append({"target": f"best time-to-first-token ({best['name']}) within 1.10x of its PCIe bound",
-                "value": f"{v:.2f}x", "met": v <= 1.10})
+    out.append(_ttft_target("best", offloaded))
+  deployable = [r for r in offloaded if r["name"] not in ("oracle", "noisy_oracle")]
+  if deployable and len(deployable) < len(offloaded):  # the oracle replays a routing known in advance
+    out.append(_ttft_target("best deployable", deployable))
   return out
+
+
+def _ttft_target(label: str, rows: list[dict]) -> dict[str, Any]:
+  best = min(rows, key=lambda r: r["ttft_s"])
+  v = best["ttft_s"] / best["ttft_bound_s"]
+  return {"target": f"{label} time-to-first-token ({best['name']}) within 1.10x of its PCIe bound",
+          "value": f"{v:.2f}x", "met": v <= 1.10}
 
 
 def break_even(sweep: list[dict], target_tpot: float) -> float | None:
