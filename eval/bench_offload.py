@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="how prefetch copies are issued: from the engine's own thread (at step start "
                       "and after each layer's FFN), or from an issue thread")
   p.add_argument("--no-speculate", dest="speculate", action="store_false",
-                 help="oracle/noisy_oracle/learned read every layer's routing before its FFN instead "
-                      "of dispatching the whole step on their plan and checking it at the end")
+                 help="stream_all/oracle/noisy_oracle/learned read every layer's routing before its FFN "
+                      "instead of dispatching the whole step on their plan and checking it at the end")
   p.add_argument("--no-compare-issue", action="store_true",
                  help="skip re-running oracle and stream_all (smallest budget) with the other issue mode")
   p.add_argument("--quick", action="store_true",

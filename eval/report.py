@@ -83,13 +83,14 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
           f"layer, so they can only look a few layers ahead; token-driven families predict every layer "
           f"before the step's compute is dispatched, which is what lets copies overlap compute.", ""]
 
-  diff = {True: 0.0, False: 0.0}  # largest logit difference of resident / of the offloaded strategies
-  for r in results["strategies"]:
-    diff[r["name"] == "resident"] = max(diff[r["name"] == "resident"], r["max_abs_logit_diff"])
+  resident_diff = max((r["max_abs_logit_diff"] for r in results["strategies"] if r["name"] == "resident"),
+                      default=0.0)
+  offloaded_diff = max((r["max_abs_logit_diff"] for r in results["strategies"] if r["name"] != "resident"),
+                       default=0.0)
   out += ["## 2. Time per strategy", "", strategy_table(results), "",
           "`exact`: the generated tokens equal those of the all-resident model run layer by layer "
-          f"(largest logit difference: offloaded strategies {diff[False]:.2e}, `resident` as one program "
-          f"per step {diff[True]:.2e}). `predicted`: the analytic model of `eval/analytic.py`, "
+          f"(largest logit difference: offloaded strategies {offloaded_diff:.2e}, `resident` as one "
+          f"program per step {resident_diff:.2e}). `predicted`: the analytic model of `eval/analytic.py`, "
           "max(compute, prefetched bytes / bandwidth) + on-demand bytes / bandwidth per token.", ""]
   if results.get("targets"):
     out += ["Targets (they are set for the GPU; on a CPU they only show the engine runs):", "",
