@@ -34,6 +34,9 @@ def main(argv=None) -> int:
   p.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation")
   p.add_argument("--eval-every", type=int, default=100, help="validate (and checkpoint) every N steps")
   p.add_argument("--patience", type=int, default=5, help="stop after N validations without improvement")
+  p.add_argument("--train-tokens", type=int, default=None,
+                 help="train on only the first ~N tokens of the training split (validation unchanged): "
+                      "one point of a learning curve over trace volume")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
   p.add_argument("--no-progress", action="store_true")
@@ -41,9 +44,11 @@ def main(argv=None) -> int:
   info = train_predictor(a.traces, a.family, a.out, loss=a.loss, hparams=json.loads(a.hparams), steps=a.steps,
                          batch_tokens=a.batch_tokens, lr=a.lr, warmup=a.warmup, weight_decay=a.weight_decay,
                          val_fraction=a.val_fraction, eval_every=a.eval_every, patience=a.patience,
-                         seed=a.seed, resume=not a.no_resume, progress=not a.no_progress)
+                         seed=a.seed, resume=not a.no_resume, progress=not a.no_progress,
+                         train_tokens=a.train_tokens)
   val = info["val"]["per_budget"]
-  print(f"{a.family} ({info['loss']} loss, {info['params']:,} params): validation " +
+  print(f"{a.family} ({info['loss']} loss, {info['params']:,} params, "
+        f"{info['train']['train_tokens']:,} training tokens): validation " +
         ", ".join(f"recall@{m} {v['recall_avg']:.4f}" for m, v in val.items()))
   return 0
 

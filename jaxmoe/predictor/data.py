@@ -27,8 +27,9 @@ FORMAT = "jaxmoe-routing-traces"
 VERSION = 1
 
 
-def _trace_fn(graphdef, state, tokens):
-  """tokens [B, T] -> experts [L, B*T, k], probs [L, B*T, E], hidden entering each layer [L, B, T, D]."""
+def _trace_fn(graphdef, hidden_layers: tuple[int, ...], state, tokens):
+  """tokens [B, T] -> experts [L, B*T, k], probs [L, B*T, E], f16 hidden state entering each of
+  hidden_layers [H, B, T, D] (only those leave the device)."""
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -39,10 +40,11 @@ def _trace_fn(graphdef, state, tokens):
     x, _, r = layer(x, positions)  # the model's own layer call: routing is `moe.route`
     experts.append(r.experts)
     probs.append(r.probs)
-  return jnp.stack(experts), jnp.stack(probs), jnp.stack(hidden)
+  kept = [hidden[i].astype(jnp.float16) for i in hidden_layers]
+  return jnp.stack(experts), jnp.stack(probs), jnp.stack(kept) if kept else jnp.zeros((0,), jnp.float16)
 
 
-_trace_jit = jax.jit(_trace_fn, static_argnums=0)
+_trace_jit = jax.jit(_trace_fn, static_argnums=(0, 1))
 
 
 def _resolve_layers(hidden_layers, n_layers: int) -> list[int]:
@@ -106,14 +108,14 @@ def collect_traces(model, token_batches: Iterable, out_dir: str, *, hidden_layer
       doc_ids = np.arange(next_doc, next_doc + b)
     doc_ids = np.asarray(doc_ids, np.int32).reshape(b)
     next_doc = max(next_doc, int(doc_ids.max()) + 1)
-    experts, probs, hidden = jax.device_get(_trace_jit(graphdef, state, jnp.asarray(tokens)))
+    experts, probs, hidden = jax.device_get(_trace_jit(graphdef, tuple(layers), state, jnp.asarray(tokens)))
     l_all = cfg.n_layers
     pending["tokens"].append(tokens)
     pending["doc_ids"].append(doc_ids)
     pending["experts"].append(np.moveaxis(experts.reshape(l_all, b, t, -1), 0, 2).astype(expert_dtype))
     pending["probs"].append(np.moveaxis(probs.reshape(l_all, b, t, -1), 0, 2).astype(np.float16))
     if layers:
-      pending["hidden"].append(np.moveaxis(hidden[layers], 0, 2).astype(np.float16))  # [B, T, H, D]
+      pending["hidden"].append(np.moveaxis(hidden, 0, 2))  # [B, T, H, D]
     n_rows += b
     if sum(len(p) for p in pending["tokens"]) >= shard_rows:
       flush()

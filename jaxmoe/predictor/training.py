@@ -250,6 +250,7 @@ def _train_one(traces: data.Traces, train_rows, val_rows, family: str, loss: str
           "val": val_metrics, "done": True,
           "train": {"lr": lr, "warmup": warmup, "steps": steps, "batch_tokens": batch_tokens,
                     "weight_decay": weight_decay, "seed": seed, "val_fraction": val_fraction,
+                    "train_tokens": int(len(train_rows) * traces.tokens.shape[1]),
                     "traces": traces.manifest.get("source", {})}}
   store.save_predictor(out_dir, model, info)
   return info
@@ -260,9 +261,12 @@ def train_predictor(traces_dir: str, family: str, out_dir: str, *, loss: str = "
                     lr: float = 3e-3, warmup: int = 100, weight_decay: float = 1e-4,
                     val_fraction: float = 0.1, eval_every: int = 100, patience: int = 5, seed: int = 0,
                     resume: bool = True, progress: bool = True, max_val_tokens: int = 65536,
-                    stop_at: int | None = None, traces: data.Traces | None = None) -> dict[str, Any]:
+                    stop_at: int | None = None, train_tokens: int | None = None,
+                    traces: data.Traces | None = None) -> dict[str, Any]:
   """Train `family` on the traces in `traces_dir`; writes a predictor directory at `out_dir` and returns
-  its info (validation metrics included). loss "auto" trains with each loss and keeps the one with the
+  its info (validation metrics included). train_tokens: train on only the first rows of the training
+  split, about this many tokens (the validation split stays the same: a learning curve over trace
+  volume). loss "auto" trains with each loss and keeps the one with the
   best validation recall@k. Re-running with resume=True continues an interrupted run (or returns a
   finished one). stop_at: stop (checkpointed, unfinished) after that step, keeping the schedule of
   `steps` (an interruption on purpose)."""
@@ -274,6 +278,10 @@ def train_predictor(traces_dir: str, family: str, out_dir: str, *, loss: str = "
     traces = data.load_traces(traces_dir, hidden=family == "cross_layer")
   hp = {**DEFAULT_HPARAMS[family], **(hparams or {})}
   train_rows, val_rows = data.split_by_document(traces.doc_ids, val_fraction)
+  if train_tokens is not None:
+    if train_tokens < 1:
+      raise ValueError(f"train_tokens must be positive, got {train_tokens}")
+    train_rows = train_rows[: -(-train_tokens // traces.tokens.shape[1])]
   kw = dict(hparams=hp, steps=steps, batch_tokens=batch_tokens, lr=lr, warmup=warmup,
             weight_decay=weight_decay, eval_every=eval_every, patience=patience, seed=seed, resume=resume,
             progress=progress, max_val_tokens=max_val_tokens, val_fraction=val_fraction, stop_at=stop_at)

@@ -139,6 +139,17 @@ def test_resume_reaches_the_same_parameters(tiny_traces, tmp_path):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
+def test_train_tokens_limits_training_rows_only(tiny_traces, tmp_path):
+  _, _, traces_dir = tiny_traces
+  kw = dict(loss="bce", steps=2, batch_tokens=256, eval_every=1, val_fraction=0.25, progress=False)
+  full = training.train_predictor(traces_dir, "token_mlp", str(tmp_path / "full"), **kw)
+  part = training.train_predictor(traces_dir, "token_mlp", str(tmp_path / "part"), train_tokens=3 * T - 5, **kw)
+  assert full["train"]["train_tokens"] == 72 * T  # 48 documents, the last 12 held out, 2 rows each
+  assert part["train"]["train_tokens"] == 3 * T  # rounded up to whole rows
+  with pytest.raises(ValueError, match="train_tokens"):
+    training.train_predictor(traces_dir, "token_mlp", str(tmp_path / "bad"), train_tokens=0, **kw)
+
+
 def test_learned_strategy_with_a_trained_predictor_is_exact(tiny_traces, trained):
   offload = pytest.importorskip("jaxmoe.offload")
   from jaxmoe import generate
