@@ -352,7 +352,7 @@ def break_even(sweep: list[dict], target_tpot: float) -> float | None:
   return None
 
 
-def _commit() -> str:
+def git_commit() -> str:
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
@@ -384,7 +384,7 @@ def run(s: RunSettings, out: Path, model_path: str | None = None, data: str | No
     comparison["meta"]["us_decode_step_model"] = rows["resident"]["tpot_s"] * 1e6
   results = {
       "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "commit": _commit(), "backend": jax.default_backend(),
+               "commit": git_commit(), "backend": jax.default_backend(),
                "device": jax.devices()[0].device_kind, "platform": platform.platform(),
                "jax": jax.__version__, "settings": dataclasses.asdict(s), "wall_s": None},
       "model": {"config": cfg.to_dict(), "training": train_summary},

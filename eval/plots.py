@@ -1,5 +1,5 @@
-"""PNG plots of a main-job results dict: speedup vs recall, per-layer recall, copy timeline, latency per
-strategy."""
+"""PNG plots of a main-job results dict (speedup vs recall, per-layer recall, copy timeline, latency per
+strategy) and of the predictors' learning curve over trace volume."""
 
 from __future__ import annotations
 
@@ -90,6 +90,23 @@ def latency_per_strategy(results: dict, path: Path) -> Path | None:
   a2.set_ylabel("per-token latency (ms)")
   for ax in (a1, a2):
     ax.tick_params(axis="x", rotation=45, labelsize=8)
+  return _save(fig, path)
+
+
+def trace_volume(runs: list[dict], path: Path) -> Path:
+  """Validation recall@k (solid) and @2k (dashed) of each family against its training tokens."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for family in dict.fromkeys(r["family"] for r in runs):
+    rs = sorted((r for r in runs if r["family"] == family), key=lambda r: r["train_tokens"])
+    x = [r["train_tokens"] for r in rs]
+    line, = ax.plot(x, [r["recall_k"] for r in rs], "o-", label=f"{family} recall@k")
+    ax.plot(x, [r["recall_2k"] for r in rs], "o--", color=line.get_color(), label=f"{family} recall@2k")
+  ax.set_xscale("log")
+  ax.set_xlabel("training tokens (traced)")
+  ax.set_ylabel("validation recall")
+  ax.set_ylim(0, 1.02)
+  ax.set_title("Token-driven predictors: recall against trace volume")
+  ax.legend(fontsize=7)
   return _save(fig, path)
 
 
