@@ -18,6 +18,14 @@ def _save(fig, path: Path) -> Path:
   return path
 
 
+def _recall_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_ylim(0, 1.02)
+  ax.set_title(title)
+  ax.legend(fontsize=7)
+
+
 def speedup_vs_recall(results: dict, path: Path) -> Path | None:
   """Per-token speedup over on_demand against the measured hit rate (share of routed experts already
   on the device): the noisy-oracle sweep as a curve (labelled with its recall), each strategy a star."""
@@ -52,11 +60,7 @@ def per_layer_recall(results: dict, path: Path) -> Path | None:
   for p in rows:
     layers = [(i, r) for i, r in enumerate(p["recall_k"]) if r is not None]  # None: no prediction there
     ax.plot([i for i, _ in layers], [r for _, r in layers], "o-", label=p["name"])
-  ax.set_xlabel("layer")
-  ax.set_ylabel("recall@k")
-  ax.set_ylim(0, 1.02)
-  ax.set_title("Per-layer recall of the routing predictors")
-  ax.legend(fontsize=7)
+  _recall_axes(ax, "layer", "recall@k", "Per-layer recall of the routing predictors")
   return _save(fig, path)
 
 
@@ -102,11 +106,8 @@ def trace_volume(runs: list[dict], path: Path) -> Path:
     line, = ax.plot(x, [r["recall_k"] for r in rs], "o-", label=f"{family} recall@k")
     ax.plot(x, [r["recall_2k"] for r in rs], "o--", color=line.get_color(), label=f"{family} recall@2k")
   ax.set_xscale("log")
-  ax.set_xlabel("training tokens (traced)")
-  ax.set_ylabel("validation recall")
-  ax.set_ylim(0, 1.02)
-  ax.set_title("Token-driven predictors: recall against trace volume")
-  ax.legend(fontsize=7)
+  _recall_axes(ax, "training tokens (traced)", "validation recall",
+               "Token-driven predictors: recall against trace volume")
   return _save(fig, path)
 
 
