@@ -49,6 +49,7 @@ class RunSettings:
   strategies: tuple[str, ...] = STRATEGIES  # offload strategies to run
   noisy_recalls: tuple[float, ...] = NOISY_RECALLS  # noisy-oracle sweep
   profile: bool = True  # take a profiler trace of one run for the copy/compute overlap
+  repeats: int = 3  # timed requests per strategy and prompt (medians reported: one request is noisy)
 
   def __post_init__(self):
     if not 0 < self.cache_fraction <= 1:
@@ -58,11 +59,14 @@ class RunSettings:
       raise ValueError(f"unknown strategies {unknown}; choose from {strategies_lib.NAMES}")
     if self.new_tokens < 2 or not self.prompt_lengths or min(self.prompt_lengths) < 1:
       raise ValueError("need --new-tokens >= 2 and positive --prompt-lengths")
+    if self.repeats < 1:
+      raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
 
 
 RUN_PRESETS = {
     "tiny": RunSettings("tiny", train_minutes=1.0, trace_tokens=8192, trace_seq_len=64, predictor_steps=150,
-                        predictor_loss="bce", prompt_lengths=(8, 32), new_tokens=8, noisy_recalls=(0.5, 1.0)),
+                        predictor_loss="bce", prompt_lengths=(8, 32), new_tokens=8, noisy_recalls=(0.5, 1.0),
+                        repeats=1),
     "small": RunSettings("small", train_minutes=3.0, trace_tokens=32768, trace_seq_len=128,
                          predictor_steps=400, predictor_loss="bce", prompt_lengths=(16, 128), new_tokens=24),
     # gpu: 4x the traces and 2.5x the steps of the first H200 runs (recall was limited by trace
@@ -74,7 +78,7 @@ RUN_PRESETS = {
 
 
 def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, prompt_lengths=None,
-                 new_tokens=None, train_minutes=None, profile=True) -> RunSettings:
+                 new_tokens=None, train_minutes=None, repeats=None, profile=True) -> RunSettings:
   """The preset's settings with the command line's overrides (None keeps the preset's value)."""
   name = preset or ("gpu" if jax.default_backend() == "gpu" else "small")
   s = RUN_PRESETS[name]
@@ -89,6 +93,8 @@ def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, pr
     over["new_tokens"] = new_tokens
   if train_minutes is not None:
     over["train_minutes"] = train_minutes
+  if repeats is not None:
+    over["repeats"] = repeats
   return dataclasses.replace(s, **over)
 
 
@@ -167,12 +173,30 @@ def stage_predictors(s: RunSettings, traces_dir: Path, out: Path, log=print) -> 
   return dirs
 
 
-def _request_row(name, stats, ref_tokens, ref_logits, tokens) -> dict[str, Any]:
-  row = {"name": name, **stats.summary()}
+def timed_requests(eng: OffloadEngine, prompt, new_tokens: int, repeats: int) -> list[tuple[np.ndarray, Any]]:
+  """`repeats` requests, each from a cold cache, after one warm-up request (compiles this engine's
+  shapes) -> [(tokens, stats)] ordered by per-token time."""
+  eng.generate(prompt, new_tokens)
+  runs = []
+  for _ in range(repeats):
+    eng.reset_cache()
+    runs.append(eng.generate(prompt, new_tokens))
+  return sorted(runs, key=lambda run: run[1].tpot_s)
+
+
+def _request_row(name, runs, ref_tokens, ref_logits) -> dict[str, Any]:
+  """One row for the timed requests of one prompt: counts and bytes of the request with the median
+  per-token time, median TTFT and end-to-end time over all of them; exact only if every one was."""
+  stats = runs[(len(runs) - 1) // 2][1]
+  row = {"name": name, **stats.summary(), "repeats": len(runs)}
+  row["ttft_s"] = float(np.median([st.ttft_s for _, st in runs]))
+  row["e2e_s"] = float(np.median([st.e2e_s for _, st in runs]))
+  row["tokens_per_s"] = stats.batch * stats.n_generated / row["e2e_s"] if row["e2e_s"] else 0.0
+  row["tpot_s_each"] = [st.tpot_s for _, st in runs]
   routed = sum(stats.hits) + sum(stats.misses)
   row["hit_rate"] = sum(stats.hits) / routed if routed else 1.0
-  row["tokens_equal"] = bool(np.array_equal(tokens, ref_tokens))
-  row["max_abs_logit_diff"] = float(np.max(np.abs(stats.logits - ref_logits)))
+  row["tokens_equal"] = all(bool(np.array_equal(tokens, ref_tokens)) for tokens, _ in runs)
+  row["max_abs_logit_diff"] = max(float(np.max(np.abs(st.logits - ref_logits))) for _, st in runs)
   return row
 
 
@@ -228,21 +252,18 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
     for p, prompt in prompts.items():
       kw = {"routing": routing[p]} if name == "oracle" else {}
       eng = resident if name == "resident" else engine(name, **kw)
-      eng.generate(prompt, s.new_tokens)  # warm-up with this engine's shapes
-      eng.reset_cache()
-      tokens, stats = eng.generate(prompt, s.new_tokens)
-      per_prompt.append({"prompt_len": p, **_request_row(name, stats, reference[p].tokens,
-                                                         reference[p].logits, tokens)})
+      runs = timed_requests(eng, prompt, s.new_tokens, s.repeats)
+      per_prompt.append({"prompt_len": p, **_request_row(name, runs, reference[p].tokens, reference[p].logits)})
       if p == min(prompts):
         engines[name] = eng
-        last_stats = stats
+        timeline = runs[(len(runs) - 1) // 2][1].timeline()
       elif eng is not resident:
         eng.close()
     first = per_prompt[0]
     row = {**first, "ttft_s_by_prompt": {r["prompt_len"]: r["ttft_s"] for r in per_prompt},
            "tokens_equal": all(r["tokens_equal"] for r in per_prompt),
            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in per_prompt),
-           "by_prompt": per_prompt, "timeline": last_stats.timeline()}
+           "by_prompt": per_prompt, "timeline": timeline}
     nll = teacher_forced_nll(engines[name], ppl_seq) if name in ("resident", "on_demand", "learned") else None
     row["perplexity"] = None if nll is None else math.exp(nll)
     rows.append(row)
@@ -252,11 +273,9 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   if s.noisy_recalls and any(n in s.strategies for n in ("oracle", "learned", "noisy_oracle")):
     for r in tqdm(s.noisy_recalls, desc="noisy oracle"):
       eng = engine("noisy_oracle", routing=routing[p0], recall=r, seed=0)
-      eng.generate(prompts[p0], s.new_tokens)
-      eng.reset_cache()
-      tokens, stats = eng.generate(prompts[p0], s.new_tokens)
-      sweep.append({"recall": r, **_request_row("noisy_oracle", stats, reference[p0].tokens,
-                                                reference[p0].logits, tokens)})
+      runs = timed_requests(eng, prompts[p0], s.new_tokens, s.repeats)
+      sweep.append({"recall": r, **_request_row("noisy_oracle", runs, reference[p0].tokens,
+                                                reference[p0].logits)})
       eng.close()
   overlap = None
   best = "learned" if "learned" in engines else next((n for n in engines if n != "resident"), None)

@@ -17,6 +17,10 @@ def _pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _repeats(results: dict) -> int:
+  return max((r.get("repeats", 1) for r in results.get("strategies", [])), default=1)
+
+
 def strategy_table(results: dict[str, Any]) -> str:
   rows = results["strategies"]
   by = {r["name"]: r for r in rows}
@@ -91,7 +95,10 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
           "`exact`: the generated tokens equal those of the all-resident model run layer by layer "
           f"(largest logit difference: offloaded strategies {offloaded_diff:.2e}, `resident` as one "
           f"program per step {resident_diff:.2e}). `predicted`: the analytic model of `eval/analytic.py`, "
-          "max(compute, prefetched bytes / bandwidth) + on-demand bytes / bandwidth per token.", ""]
+          "max(compute, prefetched bytes / bandwidth) + on-demand bytes / bandwidth per token. "
+          f"Times are medians over {_repeats(results)} timed requests per strategy and prompt, each from "
+          "a cold cache after a warm-up; counts and bytes are those of the request with the median "
+          "per-token time.", ""]
   if results.get("targets"):
     out += ["Targets (they are set for the GPU; on a CPU they only show the engine runs):", "",
             "| target | measured | verdict |", "|---|---|---|"]

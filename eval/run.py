@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--prompt-lengths", default=None,
                  help="comma-separated prompt lengths in tokens for the time-to-first-token runs")
   p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request")
+  p.add_argument("--repeats", type=int, default=None,
+                 help="timed requests per strategy and prompt, medians reported (default: 3; tiny preset 1)")
   p.add_argument("--train-minutes", type=float, default=None,
                  help="wall-clock budget for training the model (default: the preset's)")
   p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
   a = parse_args(argv)
   settings = pipeline.settings_for(a.preset, cache_fraction=a.cache_fraction, strategies=a.strategies,
                                    prompt_lengths=a.prompt_lengths, new_tokens=a.new_tokens,
-                                   train_minutes=a.train_minutes, profile=not a.no_trace)
+                                   train_minutes=a.train_minutes, repeats=a.repeats, profile=not a.no_trace)
   out = Path(a.out or f"runs/{settings.preset}")
   results = pipeline.run(settings, out, model_path=a.model, data=a.data)
   print(report.summary_table(results))

@@ -37,8 +37,12 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
   for section in ("1. Which predictor", "2. Time per strategy", "3. Accuracy", "4. Quality"):
     assert section in report
   assert (out / "latency.png").stat().st_size > 0 and (out / "speedup_vs_recall.png").exists()
-  # a second run reuses the trained model, traces and predictors
-  assert run.main(["--preset", "tiny", "--out", str(out), "--no-trace", "--strategies", "resident"]) == 0
+  # a second run reuses the trained model, traces and predictors; timings are medians over repeats
+  assert run.main(["--preset", "tiny", "--out", str(out), "--no-trace", "--strategies", "resident",
+                   "--repeats", "3"]) == 0
+  row = json.loads((out / "results.json").read_text())["strategies"][0]
+  assert row["repeats"] == 3 and row["tpot_s"] == sorted(row["tpot_s_each"])[1]
+  assert "medians over 3 timed requests" in (out / "report.md").read_text()
 
 
 def test_bad_arguments_are_refused(tmp_path):
@@ -46,5 +50,7 @@ def test_bad_arguments_are_refused(tmp_path):
     run.main(["--preset", "tiny", "--cache-fraction", "1.5", "--out", str(tmp_path)])
   with pytest.raises(ValueError, match="unknown strategies"):
     run.main(["--preset", "tiny", "--strategies", "magic", "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match="repeats"):
+    run.main(["--preset", "tiny", "--repeats", "0", "--out", str(tmp_path)])
   with pytest.raises(FileNotFoundError, match="no such directory"):
     run.main(["--preset", "tiny", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
