@@ -184,10 +184,15 @@ def timed_requests(eng: OffloadEngine, prompt, new_tokens: int, repeats: int) ->
   return sorted(runs, key=lambda run: run[1].tpot_s)
 
 
+def _median_stats(runs):
+  """The stats of the request with the median per-token time (runs as `timed_requests` orders them)."""
+  return runs[(len(runs) - 1) // 2][1]
+
+
 def _request_row(name, runs, ref_tokens, ref_logits) -> dict[str, Any]:
   """One row for the timed requests of one prompt: counts and bytes of the request with the median
   per-token time, median TTFT and end-to-end time over all of them; exact only if every one was."""
-  stats = runs[(len(runs) - 1) // 2][1]
+  stats = _median_stats(runs)
   row = {"name": name, **stats.summary(), "repeats": len(runs)}
   row["ttft_s"] = float(np.median([st.ttft_s for _, st in runs]))
   row["e2e_s"] = float(np.median([st.e2e_s for _, st in runs]))
@@ -256,7 +261,7 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
       per_prompt.append({"prompt_len": p, **_request_row(name, runs, reference[p].tokens, reference[p].logits)})
       if p == min(prompts):
         engines[name] = eng
-        timeline = runs[(len(runs) - 1) // 2][1].timeline()
+        timeline = _median_stats(runs).timeline()
       elif eng is not resident:
         eng.close()
     first = per_prompt[0]

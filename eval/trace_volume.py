@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                              steps=a.steps, eval_every=max(25, a.steps // 12), warmup=min(100, a.steps // 10),
                              train_tokens=size, progress=not a.no_progress)
       budgets = info["val"]["per_budget"]
-      k, k2 = sorted(budgets, key=int)[0], sorted(budgets, key=int)[-1]
+      ks = sorted(budgets, key=int)  # k and 2k (one key when 2k is clipped to E = k)
+      k, k2 = ks[0], ks[-1]
       runs.append({"family": family, "train_tokens": info["train"]["train_tokens"],
                    "steps_trained": info["steps_trained"], "k": int(k), "recall_k": budgets[k]["recall_avg"],
                    "recall_2k": budgets[k2]["recall_avg"]})
