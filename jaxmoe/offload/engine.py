@@ -47,29 +47,38 @@ class Structure:
 
   The jitted functions below take a module's state as a flat tuple of arrays plus its `Structure`.
   JAX flattens a tuple of arrays without Python; an nnx `State` argument (and hashing a `GraphDef`)
-  costs Python work on every call, ~4 ms per decode token of a 12-layer model on the CPU."""
+  costs Python work on every call, ~4 ms per decode token of a 12-layer model on the CPU. The part of
+  the state held elsewhere (a layer's expert weights; the head's layers) is no argument at all: it is
+  rebuilt inside the jitted function as zero-size arrays. Every array argument costs dispatch time (on
+  the H200 ~1 us each: the head with the layers' 120 placeholders as arguments took 150 us to
+  dispatch, a one-argument function 46 us)."""
 
-  def __init__(self, graphdef, treedef):
-    self.graphdef, self.treedef = graphdef, treedef
-    self._hash = hash((graphdef, treedef))
+  def __init__(self, graphdef, left_out, treedef):
+    self.graphdef, self.left_out, self.treedef = graphdef, left_out, treedef
+    self._hash = hash((graphdef, left_out, treedef))
 
   @classmethod
-  def of(cls, graphdef, *states) -> tuple["Structure", tuple]:
-    """-> (structure, leaves) of a split module (`nnx.split`'s graphdef and states). Equal structures
-    are one object, so a jit cache lookup compares them by identity, not graph by graph."""
-    leaves, treedef = jax.tree.flatten(states)
-    structure = cls(graphdef, treedef)
+  def of(cls, graphdef, left_out, kept) -> tuple["Structure", tuple]:
+    """-> (structure, leaves of `kept`) of a module split into `graphdef`, `left_out` and `kept` (in
+    `nnx.split`'s order). Equal structures are one object, so a jit cache lookup compares them by
+    identity, not graph by graph."""
+    empty, empty_def = jax.tree.flatten(left_out)
+    leaves, treedef = jax.tree.flatten(kept)
+    structure = cls(graphdef, (empty_def, tuple(np.dtype(a.dtype) for a in empty)), treedef)
     return _STRUCTURES.setdefault(structure, structure), tuple(leaves)
 
   def merge(self, leaves):
-    return nnx.merge(self.graphdef, *jax.tree.unflatten(self.treedef, leaves))
+    empty_def, dtypes = self.left_out
+    empty = jax.tree.unflatten(empty_def, [jnp.zeros((0,), dtype) for dtype in dtypes])
+    return nnx.merge(self.graphdef, empty, jax.tree.unflatten(self.treedef, leaves))
 
   def __hash__(self):
     return self._hash
 
   def __eq__(self, other):
     return self is other or (isinstance(other, Structure) and self._hash == other._hash
-                             and (self.graphdef, self.treedef) == (other.graphdef, other.treedef))
+                             and (self.graphdef, self.left_out, self.treedef)
+                             == (other.graphdef, other.left_out, other.treedef))
 
 
 _STRUCTURES: dict[Structure, Structure] = {}
@@ -83,19 +92,15 @@ def _is_layer(path, _value) -> bool:
   return path[0] == "layers"
 
 
-def _zero_size(state):
-  return jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), state)
-
-
 def split_model(model: MoELM, put) -> tuple[Structure, tuple, Structure, list[tuple]]:
-  """The model without its expert weights (zero-size placeholders instead) as flat leaves placed by
-  `put`: (head structure, head leaves, layer structure, [per-layer leaves])."""
+  """The model without its expert weights as flat leaves placed by `put`: (head structure, head
+  leaves, layer structure, [per-layer leaves])."""
   head_graph, layers_state, head = nnx.split(model, _is_layer, ...)
-  head_structure, head_leaves = Structure.of(head_graph, _zero_size(layers_state), head)
+  head_structure, head_leaves = Structure.of(head_graph, layers_state, head)
   layer_leaves = []
   for layer in model.layers:
     graph, experts, rest = nnx.split(layer, _is_expert_weight, ...)
-    layer_structure, leaves = Structure.of(graph, _zero_size(experts), rest)
+    layer_structure, leaves = Structure.of(graph, experts, rest)
     layer_leaves.append(put(leaves))
   return head_structure, put(head_leaves), layer_structure, layer_leaves
 
@@ -155,13 +160,27 @@ def _layer_ffn(structure: Structure, leaves, pools, rhs_index, h, x, experts, we
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
 def _scheduled_ffn(structure: Structure, layout, leaves, pools, buffers, slots, rhs_index, h, x, experts,
                    weights):
-  """A speculated layer: its planned copies `buffers` written into `slots`, then its MoE FFN on the
-  pools. One dispatch; slots and rhs_index are tuples of device scalars (`ExpertCache.scalars`), so
-  nothing small crosses to the device. -> (x, pools)."""
+  """Landed copies `buffers` written into their `slots`, then the layer's MoE FFN on the pools, in one
+  dispatch; slots and rhs_index are tuples of device scalars (`ExpertCache.scalars`), so nothing
+  small crosses to the device. -> (x, pools)."""
   pools = unpack_into(layout, pools, buffers, slots)
   layer = structure.merge(leaves)
   d, y_rows = _expert_rows(layer.moe.cfg, pools, rhs_index, h, experts)
   return _finish(layer, y_rows, d, weights, h, x), pools
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 7))
+def _speculated_layer(structure: Structure, layout, leaves, pools, buffers, slots, rhs_index,
+                      layer_cache, x, positions, pos):
+  """A speculated layer in one dispatch: attention and router, its planned copies written into their
+  slots, its MoE FFN on the pools (half the calls of `_attend_route` + `_scheduled_ffn`; on the H200
+  each call held the host 0.2-0.3 ms while a layer's decode compute takes ~0.3 ms).
+  -> (x out, pools, layer cache, and for a redo: x after attention, h, experts, weights)."""
+  x, h, experts, weights, layer_cache, _ = _attend_route(structure, leaves, (), x, positions,
+                                                        layer_cache, pos)
+  out, pools = _scheduled_ffn(structure, layout, leaves, pools, buffers, slots, rhs_index, h, x,
+                              experts, weights)
+  return out, pools, layer_cache, x, h, experts, weights
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -522,14 +541,11 @@ class OffloadEngine:
       return (*cache.settle(layer, cached), cache.holders(layer, cached))
 
     def dispatch(x, layer, staged, slots, index, holders):
-      leaves = self._layer_leaves[layer]
-      x, h, experts, weights, self._kv[layer], _ = _attend_route(
-          self._layer, leaves, (), x, positions, self._kv[layer], pos)
+      out, cache.pools, self._kv[layer], x, h, experts, weights = _speculated_layer(
+          self._layer, self.store.layout, self._layer_leaves[layer], cache.pools,
+          tuple(map(resolve, staged)), slots, index, self._kv[layer], x, positions, pos)
       pending.append(_Speculated(layer, holders, x, h, experts, weights))
-      x, cache.pools = _scheduled_ffn(self._layer, self.store.layout, leaves, cache.pools,
-                                      tuple(map(resolve, staged)), slots, index, h, x, experts,
-                                      weights)
-      return x
+      return out
 
     layers = range(first, cfg.n_layers)
     if sum(len(self._plan[layer]) for layer in layers) <= cache.n_slots:
@@ -641,12 +657,15 @@ class OffloadEngine:
     for later, guess in self.strategy.plan_layer(layer, speculated).items():
       if later < self.cfg.n_layers:
         self._plan[later] = list(dict.fromkeys(guess + self._plan[later]))
-    stall, index = cache.land(layer, chunks[0])
     args = (self._layer, self._layer_leaves[layer])
-    if len(chunks) == 1:
-      x = _layer_ffn(*args, cache.pools, index, h, x, experts, weights)
+    if len(chunks) == 1:  # the landed copies' writes and the FFN in one call
+      stall, buffers, slots, index = cache.arrive(layer, chunks[0])
+      x, cache.pools = _scheduled_ffn(self._layer, self.store.layout, self._layer_leaves[layer],
+                                      cache.pools, tuple(buffers), slots, index, h, x, experts,
+                                      weights)
       cache.mark_used(layer, needed)
     else:
+      stall, index = cache.land(layer, chunks[0])
       y_rows = self._put(np.zeros((experts.size, h.shape[-1]), h.dtype))
       for i, chunk in enumerate(chunks):
         if i:
