@@ -378,8 +378,9 @@ def break_even(sweep: list[dict], target_tpot: float) -> float | None:
 
 def git_commit() -> str:
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    # "-dirty": the tree differs from that commit (a copy of a working tree, say)
+    return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
   except (OSError, subprocess.SubprocessError):
     return "unknown"
 

@@ -99,6 +99,12 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
           f"Times are medians over {_repeats(results)} timed requests per strategy and prompt, each from "
           "a cold cache after a warm-up; counts and bytes are those of the request with the median "
           "per-token time.", ""]
+  if any(r["name"] == "resident" and not r["tokens_equal"] for r in results["strategies"]):
+    out += ["`resident` is NOT exact here: one program per step rounds in bf16 differently from the "
+            "per-layer programs, and once one generated token differs the later logits are those of "
+            "another sequence (hence its large logit difference). It is the speed baseline; the "
+            "exactness that matters is the offloaded strategies' against the same per-layer "
+            "programs.", ""]
   if results.get("targets"):
     out += ["Targets (they are set for the GPU; on a CPU they only show the engine runs):", "",
             "| target | measured | verdict |", "|---|---|---|"]
