@@ -50,7 +50,7 @@ def explain_gap(measured_s: float, predicted_s: float, n_copies: float, n_layers
   if measured_s > predicted_s:
     return (f"measured {measured_s / predicted_s:.2f}x the model: the model leaves out the host's time "
             f"per step: reading the routing (once per layer, {n_layers} here, or once per step where a "
-            f"plan is speculated), two jitted calls per layer and issuing {n_copies:.0f} separate "
-            f"copies (small copies also run below peak bandwidth)")
+            f"plan is speculated), the jitted calls (two per layer, one where speculated) and issuing "
+            f"{n_copies:.0f} separate copies (small copies also run below peak bandwidth)")
   return (f"measured {measured_s / predicted_s:.2f}x the model: copies overlapped more than the model "
           f"credits (on-demand copies of one layer overlap the previous layer's tail)")

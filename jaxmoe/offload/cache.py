@@ -239,33 +239,38 @@ class ExpertCache:
     return len(experts) - len(missing), len(missing)
 
   def land(self, layer: int, experts: Sequence[int]) -> tuple[float, tuple[jax.Array, ...]]:
-    """Make these experts of `layer` resident: `arrive`, then write the landed copies into their
-    slots with one jitted write. Returns (the stall, `rhs_index` as `arrive` gives it)."""
-    stall, buffers, slots, index = self.arrive(layer, experts)
+    """Make these experts of `layer` resident: wait for their copies in flight, then `arrive` and
+    write the landed copies into their slots with one jitted write. Returns (seconds spent waiting:
+    the stall, `rhs_index` as `arrive` gives it)."""
+    start = time.perf_counter()
+    jax.block_until_ready([resolve(self._in_flight[(layer, e)].staged) for e in experts
+                           if (layer, e) in self._in_flight])
+    stall = time.perf_counter() - start
+    _, buffers, slots, index = self.arrive(layer, experts)
     if buffers:
       self.pools = _write_slots(self.store.layout, self.pools, tuple(buffers), slots)
     return stall, index
 
-  def arrive(self, layer: int, experts: Sequence[int]) -> tuple[float, list[jax.Array],
+  def arrive(self, layer: int, experts: Sequence[int]) -> tuple[list[CopyRecord], list[jax.Array],
                                                                 tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    """Wait for the copies in flight of these experts of `layer`; from then on they, and every other
-    copy that has already landed (so its staging buffer is freed early), count as resident. Returns
-    (seconds spent waiting: the stall, the landed buffers padded as `padded` does, their slots, and
-    `rhs_index` for computing with the experts), slots and index as device scalars (`jnp.stack` them
-    in the jitted computation): the caller writes the buffers into their slots on the device
-    (`unpack_into`) before computing with the index.
+    """These experts of `layer`, and every other copy that has already landed (so its staging buffer
+    is freed early), count as resident from now on, without waiting for the copies still in flight:
+    the caller's jitted write + compute waits for them on the device, while the host goes on. Returns
+    (the records of this layer's copies still in flight, whose `ready_s` tells the stall once they
+    land; the buffers to write, padded as `padded` does; their slots; `rhs_index` for computing with
+    the experts), slots and index as device scalars (`jnp.stack` them in the jitted computation): the
+    caller writes the buffers into their slots on the device (`unpack_into`) before computing with
+    the index.
 
     Nothing small is transferred: on the H200 an explicit host-to-device transfer queued behind
     expert copies still in flight (prefetches for later layers) held the host 2.0-2.3 ms, a numpy
     argument of a jitted call ~0.9 ms (`eval/probe_host.py`)."""
     waiting = [(layer, e) for e in experts if (layer, e) in self._in_flight]
-    start = time.perf_counter()
-    jax.block_until_ready([resolve(self._in_flight[key].staged) for key in waiting])
-    stall = time.perf_counter() - start
+    records = [self._in_flight[key].record for key in waiting if self._in_flight[key].record]
     landed = set(waiting)
     landed.update(key for key, entry in self._in_flight.items() if _arrived(entry.staged))
     buffers, slots = self._settle(sorted(landed))
-    return (stall, padded(map(resolve, buffers)), self._on_device(padded(slots)),
+    return (records, padded(map(resolve, buffers)), self._on_device(padded(slots)),
             self._on_device(self.rhs_index(layer, experts)))
 
   def settle(self, layer: int, experts: Sequence[int]) -> tuple[list[Staged], tuple[jax.Array, ...],
