@@ -528,8 +528,8 @@ class OffloadEngine:
     """Layers first.. dispatched on their planned experts, their routing read once at the end.
 
     Per layer the host settles the layer's cache decisions (its copies written and its `rhs_index`,
-    all as device-resident arguments), dispatches one attention and one write+FFN call, and plans the
-    copies into the slots the layer releases. When the rest of the plan fits in the cache, all of
+    all as device-resident arguments), dispatches the layer as one call (`_speculated_layer`), and
+    plans the copies into the slots the layer releases. When the rest of the plan fits in the cache, all of
     that is played through first and the copies go out in one batch ahead of every layer: no layer
     waits for the host. A longer plan (a prompt's, or `stream_all`'s) streams through the cache
     instead: the held copies go out first, then each layer's right after its FFN (they wait for that
