@@ -96,6 +96,8 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
           f"(largest logit difference: offloaded strategies {offloaded_diff:.2e}, `resident` as one "
           f"program per step {resident_diff:.2e}). `predicted`: the analytic model of `eval/analytic.py`, "
           "max(compute, prefetched bytes / bandwidth) + on-demand bytes / bandwidth per token. "
+          "`stall`: the request's total time that layers' FFNs waited for their expert copies, from "
+          "the dispatch until the last copy landed. "
           f"Times are medians over {_repeats(results)} timed requests per strategy and prompt, each from "
           "a cold cache after a warm-up; counts and bytes are those of the request with the median "
           "per-token time.", ""]
