@@ -251,8 +251,8 @@ class ExpertCache:
       self.pools = _write_slots(self.store.layout, self.pools, tuple(buffers), slots)
     return stall, index
 
-  def arrive(self, layer: int, experts: Sequence[int]) -> tuple[list[CopyRecord], list[jax.Array],
-                                                                tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  def arrive(self, layer: int, experts: Sequence[int]
+             ) -> tuple[list[CopyRecord], list[jax.Array], tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """These experts of `layer`, and every other copy that has already landed (so its staging buffer
     is freed early), count as resident from now on, without waiting for the copies still in flight:
     the caller's jitted write + compute waits for them on the device, while the host goes on. Returns

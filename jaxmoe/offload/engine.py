@@ -175,7 +175,7 @@ def _speculated_layer(structure: Structure, layout, leaves, pools, buffers, slot
                       layer_cache, x, positions, pos):
   """A speculated layer in one dispatch: attention and router, its planned copies written into their
   slots, its MoE FFN on the pools (half the calls of `_attend_route` + `_scheduled_ffn`; on the H200
-  each call held the host 0.2-0.3 ms while a layer's decode compute takes ~0.3 ms).
+  each call held the host 0.2-0.35 ms while a layer's decode compute takes ~0.3 ms).
   -> (x out, pools, layer cache, and for a redo: x after attention, h, experts, weights)."""
   x, h, experts, weights, layer_cache, _ = _attend_route(structure, leaves, (), x, positions,
                                                         layer_cache, pos)
@@ -529,8 +529,8 @@ class OffloadEngine:
 
     Per layer the host settles the layer's cache decisions (its copies written and its `rhs_index`,
     all as device-resident arguments), dispatches the layer as one call (`_speculated_layer`), and
-    plans the copies into the slots the layer releases. When the rest of the plan fits in the cache, all of
-    that is played through first and the copies go out in one batch ahead of every layer: no layer
+    plans the copies into the slots the layer releases. When the rest of the plan fits in the cache,
+    all of that is played through first and the copies go out in one batch ahead of every layer: no layer
     waits for the host. A longer plan (a prompt's, or `stream_all`'s) streams through the cache
     instead: the held copies go out first, then each layer's right after its FFN (they wait for that
     FFN only, so copies in flight never outgrow the cache), and the host plans the next layers while
