@@ -99,7 +99,7 @@ def write_slots(layout: tuple[MatrixSlice, ...], pools: dict[str, jax.Array],
   return _write_slots(layout, pools, tuple(padded(buffers)), np.asarray(padded(slots), np.int32))
 
 
-def _empty_pools(store: ExpertStore, n_slots: int, device) -> dict[str, jax.Array]:
+def empty_pools(store: ExpertStore, n_slots: int, device) -> dict[str, jax.Array]:
   sharding = device_sharding(device)
   return {m.name: jax.device_put(jnp.zeros((n_slots,) + m.shape, store.cfg.weight_dtype), sharding)
           for m in store.layout}
@@ -112,7 +112,7 @@ def resident_pools(store: ExpertStore, device: jax.Device | None = None) -> list
   out = []
   for layer in range(store.cfg.n_layers):
     buffers = jax.device_put([store.buffer(layer, e) for e in range(n_experts)], sharding)
-    out.append(write_slots(store.layout, _empty_pools(store, n_experts, device or store.device),
+    out.append(write_slots(store.layout, empty_pools(store, n_experts, device or store.device),
                            buffers, range(n_experts)))
   return out
 
@@ -134,7 +134,7 @@ class ExpertCache:
     self.store = store
     self.policy = policy
     self.n_slots = n_slots
-    self.pools = _empty_pools(store, n_slots, device or store.device)  # {name: [S, ...]}
+    self.pools = empty_pools(store, n_slots, device or store.device)  # {name: [S, ...]}
     self._sharding = device_sharding(device or store.device)
     # int32 device scalars 0..n_slots-1: slot numbers reach jitted calls without a transfer
     self.scalars = tuple(jax.device_put([np.int32(i) for i in range(n_slots)], self._sharding))

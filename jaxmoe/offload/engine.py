@@ -233,6 +233,8 @@ class OffloadStats:
   # until the last of them landed, by the copy watcher's time stamps
   stall_s: list[float] = dataclasses.field(default_factory=list)
   copies: list[CopyRecord] = dataclasses.field(default_factory=list)  # issue/ready, this request
+  host_read_bytes: int = 0  # experts read straight from host memory by compiled steps (ProgramEngine)
+  step_read_bytes: list[int] = dataclasses.field(default_factory=list)  # the same, per step
   routing: list[list[list[int]]] = dataclasses.field(default_factory=list)  # [step][layer] experts
   redone: int = 0  # steps redone from a speculated layer that lacked a routed expert
   speculated: int = 0  # layers computed on the plan before their routing was read (and found right)
@@ -250,11 +252,12 @@ class OffloadStats:
 
   @property
   def bytes_copied(self) -> int:
-    return sum(c.nbytes for c in self.copies)
+    """Expert bytes that crossed to the device: copies, and reads of host memory (always used)."""
+    return sum(c.nbytes for c in self.copies) + self.host_read_bytes
 
   @property
   def bytes_useful(self) -> int:
-    return sum(c.nbytes for c in self.copies if c.used)
+    return sum(c.nbytes for c in self.copies if c.used) + self.host_read_bytes
 
   @property
   def bytes_wasted(self) -> int:

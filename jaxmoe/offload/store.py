@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from jaxmoe.config import MoEConfig
+from jaxmoe.offload import hostview
 
 
 class MatrixSlice(NamedTuple):
@@ -49,10 +50,14 @@ def device_sharding(device: jax.Device | None = None) -> SingleDeviceSharding:
 
 
 class ExpertStore:
-  """Experts of a model in pinned host memory: `buffer(layer, expert)` -> flat [P] array."""
+  """Experts of a model in pinned host memory, one [E, P] allocation per layer: `buffer(layer, expert)`
+  -> the flat [P] expert to copy, `host_view(layer)` -> the layer as device-addressable [E, P] memory
+  that compiled code reads directly (`hostview`)."""
 
-  def __init__(self, cfg: MoEConfig, buffers: list[list[jax.Array]]):
-    """buffers [n_layers][n_experts], each a [P] array in pinned_host memory of cfg.param_dtype."""
+  def __init__(self, cfg: MoEConfig, buffers: list[list[jax.Array]],
+               layers: list[jax.Array] | None = None):
+    """buffers [n_layers][n_experts], each a [P] pinned_host array of cfg.weight_dtype; `layers`: the
+    [E, P] pinned allocations they are views of, when they are (then `host_view` works)."""
     layout = expert_layout(cfg)
     size = layout[-1].offset + math.prod(layout[-1].shape)
     if len(buffers) != cfg.n_layers or any(len(row) != cfg.n_experts for row in buffers):
@@ -65,6 +70,8 @@ class ExpertStore:
     self.layout = layout
     self.device = next(iter(buffers[0][0].devices()))
     self._buffers = buffers
+    self._layers = layers
+    self._views: dict[int, jax.Array] = {}
 
   @property
   def expert_bytes(self) -> int:
@@ -80,6 +87,15 @@ class ExpertStore:
     """The packed expert [P] in pinned_host memory."""
     return self._buffers[layer][expert]
 
+  def host_view(self, layer: int) -> jax.Array:
+    """The layer's experts [E, P] as device-addressable memory over the pinned allocation (no copy)."""
+    if self._layers is None:
+      raise ValueError("this store keeps its experts in separate buffers; build it with from_layers")
+    if layer not in self._views:
+      arr = self._layers[layer]
+      self._views[layer] = hostview.device_view(arr, arr.shape, arr.dtype)
+    return self._views[layer]
+
   @classmethod
   def from_layers(cls, cfg: MoEConfig,
                   layer_weights: Iterable[Mapping[str, jax.Array | np.ndarray]],
@@ -88,24 +104,34 @@ class ExpertStore:
     device never holds more than one packed expert beyond what the caller already holds."""
     sharding = host_sharding(device)
     dtype = cfg.weight_dtype
-    buffers = []
+    layers = []
     for weights in layer_weights:
-      row = []
-      for e in range(cfg.n_experts):
-        parts = [weights[name][e] for name in cfg.expert_matrices]
-        if all(isinstance(p, np.ndarray) for p in parts):
-          flat = np.concatenate([p.astype(dtype).reshape(-1) for p in parts])
-        else:
-          flat = jnp.concatenate([jnp.ravel(p).astype(dtype) for p in parts])
-        row.append(jax.device_put(flat, sharding))
-      buffers.append(row)
-    jax.block_until_ready(buffers)
-    return cls(cfg, buffers)
+      packed = np.stack([np.concatenate([np.asarray(weights[name][e]).astype(dtype).reshape(-1)
+                                         for name in cfg.expert_matrices])
+                         for e in range(cfg.n_experts)])  # [E, P] on the host, one layer at a time
+      layers.append(jax.device_put(packed, sharding))
+    jax.block_until_ready(layers)
+    return cls(cfg, [_expert_buffers(arr) for arr in layers], layers)
 
   @classmethod
   def from_model(cls, model, device: jax.Device | None = None) -> "ExpertStore":
     """From a `MoELM` whose expert weights are concrete arrays (on any memory)."""
     return cls.from_layers(model.cfg, (layer.moe.expert_weights() for layer in model.layers), device)
+
+
+def _expert_buffers(layer: jax.Array) -> list[jax.Array]:
+  """The experts of a pinned [E, P] layer as [P] pinned arrays: views of it on a GPU (no second copy
+  in host memory); elsewhere copies (the CPU backend has no partial views; tests only)."""
+  n_experts, size = layer.shape
+  row_bytes = size * layer.dtype.itemsize
+  if next(iter(layer.devices())).platform == "gpu" and row_bytes % 64 == 0:
+    try:
+      return [hostview.device_view(layer, (size,), layer.dtype, e * row_bytes, memory_kind="pinned_host")
+              for e in range(n_experts)]
+    except (ValueError, RuntimeError, TypeError, NotImplementedError):
+      pass  # this jax cannot alias pinned memory: fall back to copies
+  host = np.asarray(layer)
+  return [jax.device_put(host[e], layer.sharding) for e in range(n_experts)]
 
 
 def measure_h2d_bandwidth(store: "ExpertStore", n: int = 8, repeats: int = 3) -> float:

@@ -1,0 +1,182 @@
+"""Engine v2 (`ProgramEngine`, one compiled program per step) against the per-layer engine and bounds.
+
+  python -m eval.bench_program                                  # gpu, olmoe_shaped, mixtral_shaped (GPU)
+  python -m eval.bench_program --presets olmoe_shaped --layers 8 --cache-fraction 0.25
+  python -m eval.bench_program --presets tiny --new-tokens 4 --prompt-lengths 8   # CPU smoke test
+
+Per preset (random weights, bf16 on a GPU): the plain jitted decode step of `jaxmoe.generate` beside
+its HBM roofline; then per strategy and engine TTFT (each prompt length) and per-token time, each
+against its bound: compute (the v2 resident step) + the bytes it read from host memory / measured H2D
+bandwidth, and exactness against the v2 resident run (tokens equal, largest logit difference).
+Random-weight models may repeat one token, which flatters caches: the distinct-token share of each
+continuation is reported beside it. Writes OUT/results.json and OUT/table.md; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe import config, generate as gen, model as model_lib
+from jaxmoe.offload import ExpertStore, OffloadEngine, strategies
+from jaxmoe.offload.program import ProgramEngine
+from jaxmoe.offload.store import measure_h2d_bandwidth
+
+HBM_BYTES_PER_S = 4.3e12  # H200 device-to-device copy (read + write), measured
+
+
+def plain_decode(model, prompt_len: int, repeats: int = 20) -> dict:
+  """Best time of one jitted decode step of the all-resident model, and its HBM roofline."""
+  from flax import nnx
+  cfg = model.cfg
+  graphdef, state = nnx.split(model)
+  cache = model_lib.init_cache(cfg, 1)
+  _, cache = gen._forward(graphdef, state, jnp.zeros((1, prompt_len), jnp.int32), cache)
+  one = jnp.zeros((1, 1), jnp.int32)
+  gen._forward(graphdef, state, one, cache)[0].block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    gen._forward(graphdef, state, one, cache)[0].block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  weights = sum(x.nbytes for x in jax.tree.leaves(state))
+  kv = sum(x.nbytes for x in jax.tree.leaves(cache))
+  return {"plain_decode_s": best, "weight_bytes": weights, "kv_bytes": kv,
+          "roofline_s": (weights + kv) / HBM_BYTES_PER_S}
+
+
+def _request(engine, prompt, new_tokens: int, repeats: int):
+  """Median-TPOT request of `repeats` cold-cache requests after a warm-up one."""
+  engine.generate(prompt, new_tokens)
+  runs = []
+  for _ in range(repeats):
+    engine.reset_cache()
+    runs.append(engine.generate(prompt, new_tokens))
+  runs.sort(key=lambda r: r[1].tpot_s)
+  return runs[(len(runs) - 1) // 2], float(np.median([st.ttft_s for _, st in runs]))
+
+
+def bench_preset(name: str, layers: int | None, cache_fraction: float, prompt_lengths, new_tokens: int,
+                 repeats: int, engines: list[str], names: list[str], log=print) -> dict:
+  cfg = config.preset(name)
+  cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, n_layers=layers or cfg.n_layers)
+  model = model_lib.create(cfg, 0)
+  out = {"preset": name, "config": cfg.to_dict(), **plain_decode(model, max(prompt_lengths))}
+  store = ExpertStore.from_model(model)
+  bandwidth = measure_h2d_bandwidth(store)
+  cache_bytes = max(int(cache_fraction * store.nbytes), cfg.n_experts * cfg.expert_bytes)
+  out.update(h2d_bytes_per_s=bandwidth, cache_bytes=cache_bytes, store_bytes=store.nbytes)
+  rng = np.random.default_rng(0)
+  prompts = {p: rng.integers(0, cfg.vocab_size, (1, p)).astype(np.int32) for p in prompt_lengths}
+  p0 = min(prompt_lengths)
+  reference = ProgramEngine(model, strategy="resident", store=store)
+  ref = {p: reference.generate(prompts[p], new_tokens) for p in prompt_lengths}
+  compute_s = _request(reference, prompts[p0], new_tokens, repeats)[0][1].tpot_s
+  del reference
+  rows = []
+  for engine_name in engines:
+    for strategy in names:
+      def make():
+        s = strategy
+        if strategy == "oracle":
+          s = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref[p][1].routing)
+        budget = None if strategy == "resident" else cache_bytes
+        if engine_name == "v2":
+          return ProgramEngine(model, cache_bytes=budget, strategy=s, store=store)
+        return OffloadEngine(model, cache_bytes=budget, strategy=s, store=store)
+      row = {"engine": engine_name, "strategy": strategy}
+      try:
+        for p in prompt_lengths:
+          eng = make()
+          (tokens, stats), ttft = _request(eng, prompts[p], new_tokens, repeats)
+          eng.close()
+          row[f"ttft_s_{p}"] = ttft
+          if p == p0:
+            row.update(tpot_s=stats.tpot_s, bytes_per_token=_decode_bytes(stats, cfg) / (new_tokens - 1),
+                       distinct_tokens=len(set(tokens[0, p:].tolist())) / new_tokens,
+                       hits=sum(stats.hits), misses=sum(stats.misses))
+          row.setdefault("tokens_equal", True)
+          row["tokens_equal"] &= bool(np.array_equal(tokens, ref[p][0]))
+          row["max_logit_diff"] = max(row.get("max_logit_diff", 0.0),
+                                      float(np.max(np.abs(stats.logits - ref[p][1].logits))))
+      except Exception as err:  # one failing configuration must not lose the others
+        row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+      # bound: compute + the bytes this request moved per token over the link
+      if "tpot_s" in row:
+        row["bound_s"] = compute_s + row["bytes_per_token"] / bandwidth
+        row["vs_bound"] = row["tpot_s"] / row["bound_s"]
+      rows.append(row)
+      log(_row_line(name, row))
+  out.update(compute_s=compute_s, rows=rows)
+  return out
+
+
+def _decode_bytes(stats, cfg) -> int:
+  """Expert bytes that crossed the link during the decode steps (the prompt's left out)."""
+  copied = sum(c.nbytes for c in stats.copies if c.step > 0)
+  return copied + sum(stats.step_read_bytes[1:])
+
+
+def _row_line(preset: str, r: dict) -> str:
+  if "error" in r:
+    return f"{preset:<15}{r['engine']:<4}{r['strategy']:<11} {r['error']}"
+  ttfts = " ".join(f"{k[7:]}:{v * 1e3:.1f}" for k, v in r.items() if k.startswith("ttft_s_"))
+  return (f"{preset:<15}{r['engine']:<4}{r['strategy']:<11}{r['tpot_s'] * 1e3:>8.2f}{r['bound_s'] * 1e3:>8.2f}"
+          f"{r['vs_bound']:>6.2f}x {ttfts:<22}{'yes' if r['tokens_equal'] else 'NO':>4}"
+          f"{r['max_logit_diff']:>9.3g}{r['distinct_tokens']:>6.2f}{r['bytes_per_token'] / 2**20:>9.1f}")
+
+
+HEADER = (f"{'preset':<15}{'eng':<4}{'strategy':<11}{'tok ms':>8}{'bound':>8}{'ratio':>7} "
+          f"{'TTFT ms by prompt':<22}{'eq':>4}{'max dlog':>9}{'dist':>6}{'MiB/tok':>9}")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--presets", default="gpu,olmoe_shaped,mixtral_shaped",
+                 help="comma-separated model presets (random weights)")
+  p.add_argument("--layers", type=int, default=None,
+                 help="override every preset's layer count (default: gpu 12, olmoe_shaped 8, mixtral 8)")
+  p.add_argument("--mixtral-layers", type=int, default=4, help="layers of mixtral_shaped (host memory)")
+  p.add_argument("--cache-fraction", type=float, default=0.25, help="device expert cache / all experts")
+  p.add_argument("--prompt-lengths", default="16,256", help="comma-separated prompt lengths (TTFT)")
+  p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
+  p.add_argument("--repeats", type=int, default=3, help="timed cold-cache requests (median reported)")
+  p.add_argument("--engines", default="v2,v1", help="v2 (ProgramEngine) and/or v1 (OffloadEngine)")
+  p.add_argument("--strategies", default="resident,on_demand,lru,oracle", help="comma-separated")
+  p.add_argument("--out", default="runs/bench/bench_program", help="directory for results.json, table.md")
+  a = p.parse_args(argv)
+  if not 0 < a.cache_fraction <= 1:
+    p.error(f"--cache-fraction must lie in (0, 1], got {a.cache_fraction}")
+  try:
+    lengths = [int(x) for x in a.prompt_lengths.split(",")]
+  except ValueError:
+    p.error(f"--prompt-lengths must be comma-separated integers, got {a.prompt_lengths!r}")
+  results = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind,
+             "command": " ".join(["python -m eval.bench_program", *(argv or sys.argv[1:])]), "presets": []}
+  print(HEADER)
+  for name in a.presets.split(","):
+    layers = a.layers or (a.mixtral_layers if name == "mixtral_shaped" else None)
+    r = bench_preset(name, layers, a.cache_fraction, lengths, a.new_tokens, a.repeats,
+                     a.engines.split(","), a.strategies.split(","))
+    print(f"{name}: plain decode {r['plain_decode_s'] * 1e3:.3f} ms, HBM roofline {r['roofline_s'] * 1e3:.3f} ms, "
+          f"v2 resident {r['compute_s'] * 1e3:.3f} ms, H2D {r['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
+    results["presets"].append(r)
+    out = Path(a.out)  # written after every preset: a later failure loses nothing measured
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+  lines = [HEADER] + [_row_line(r["preset"], row) for r in results["presets"] for row in r["rows"]]
+  (out / "table.md").write_text("```\n" + "\n".join(lines) + "\n```\n")
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,173 @@
+"""The expert cache's bookkeeping as device arrays, so a compiled step serves its own misses.
+
+Inside a compiled step the router's choice is looked up in `CacheState.table` [L, E] (expert -> slot
+or -1). A routed expert that is not cached is read straight from the store's pinned host memory (a
+device view, `hostview`) into a slot the eviction policy frees, and the table is updated: no host round
+trip. The host only reads the state back once per step, for statistics and the next plan.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.offload.store import MatrixSlice, unpack
+
+POLICIES = ("lru", "lfu", "predicted")
+NEVER = np.int32(2**30)  # a next use that is not planned
+
+
+class CacheState(NamedTuple):
+  """Device-resident cache bookkeeping (all int32)."""
+
+  table: jax.Array  # [L, E] slot holding (layer, expert), -1 if not cached
+  owner: jax.Array  # [S] layer * E + expert held by each slot, -1 if free
+  last_use: jax.Array  # [S] layer clock of the slot's last use (-1: never)
+  uses: jax.Array  # [S] uses since the slot was filled
+  next_use: jax.Array  # [L * E] planned next use on the layer clock (NEVER if none): `predicted`
+  clock: jax.Array  # [] layers served so far
+
+
+def empty_state(n_layers: int, n_experts: int, n_slots: int) -> CacheState:
+  return CacheState(table=jnp.full((n_layers, n_experts), -1, jnp.int32),
+                    owner=jnp.full((n_slots,), -1, jnp.int32),
+                    last_use=jnp.full((n_slots,), -1, jnp.int32),
+                    uses=jnp.zeros((n_slots,), jnp.int32),
+                    next_use=jnp.full((n_layers * n_experts,), NEVER, jnp.int32),
+                    clock=jnp.zeros((), jnp.int32))
+
+
+def distinct(experts: jax.Array, n_experts: int) -> jax.Array:
+  """The distinct expert ids of `experts` (any shape) ascending, padded with -1 to a static length
+  min(experts.size, n_experts)."""
+  size = min(experts.size, n_experts)
+  present = jnp.zeros((n_experts,), bool).at[experts.reshape(-1)].set(True)
+  ids = jnp.where(present, jnp.arange(n_experts, dtype=jnp.int32), n_experts)
+  ids = jnp.sort(ids)[:size]
+  return jnp.where(ids < n_experts, ids, -1)
+
+
+def _victim(state: CacheState, policy: str) -> jax.Array:
+  """The slot to fill next: a free one, else the policy's choice among the slots that the layer being
+  served has not used, least recently used among equals."""
+  big = jnp.int32(2**30)
+  if policy == "lru":
+    primary = jnp.zeros_like(state.last_use)
+  elif policy == "lfu":
+    primary = state.uses
+  elif policy == "predicted":  # farthest planned next use first (a use already past counts as none)
+    nxt = state.next_use[jnp.maximum(state.owner, 0)]
+    primary = -jnp.where(nxt < state.clock, NEVER, nxt)
+  else:
+    raise ValueError(f"eviction policy must be one of {POLICIES}, got {policy!r}")
+  free = state.owner < 0
+  busy = state.last_use == state.clock
+  primary = jnp.where(free, -big, jnp.where(busy, big, primary))
+  ties = primary == jnp.min(primary)
+  return jnp.argmin(jnp.where(ties, state.last_use, big)).astype(jnp.int32)
+
+
+def _fill(state: CacheState, pools, layer, expert, slot, weights, layout, n_experts: int):
+  """Slot `slot` takes (layer, expert) whose packed weights [P] are `weights`."""
+  old = state.owner[slot]
+  n_layers = state.table.shape[0]
+  old_layer = jnp.where(old >= 0, old // n_experts, n_layers)  # out of range: nothing to unmap
+  table = state.table.at[old_layer, old % n_experts].set(-1, mode="drop").at[layer, expert].set(slot)
+  mats = unpack(layout, weights)
+  pools = {name: jax.lax.dynamic_update_index_in_dim(pool, mats[name].astype(pool.dtype), slot, 0)
+           for name, pool in pools.items()}
+  state = state._replace(table=table, owner=state.owner.at[slot].set(layer * n_experts + expert),
+                         uses=state.uses.at[slot].set(0))
+  return state, pools
+
+
+def serve_layer(state: CacheState, pools: Mapping[str, jax.Array], host_view: jax.Array,
+                layer: int, experts: jax.Array, *, layout: tuple[MatrixSlice, ...], policy: str,
+                keep: bool):
+  """Traced: make the experts `experts` (any shape, ids of `layer`) resident for this layer.
+
+  Each distinct routed expert that misses is read from `host_view` [E, P] (pinned host memory seen by
+  the device) into the policy's victim slot. `keep=False` frees the layer's slots for reuse after it
+  (naive on-demand loading). -> (state, pools, rhs_index [E] slot of each expert (0 where unrouted),
+  hits [], misses [], routed [U] distinct experts padded with -1)."""
+  n_layers, n_experts = state.table.shape
+  del n_layers
+  state = state._replace(clock=state.clock + 1)
+  routed = distinct(experts, n_experts)
+  hits = misses = jnp.zeros((), jnp.int32)
+  for j in range(routed.shape[0]):
+    e = routed[j]
+    valid = e >= 0
+    safe_e = jnp.maximum(e, 0)
+    cached = state.table[layer, safe_e]
+    miss = valid & (cached < 0)
+
+    def fetch(args, safe_e=safe_e):
+      st, pl = args
+      slot = _victim(st, policy)
+      weights = jax.lax.dynamic_index_in_dim(host_view, safe_e, keepdims=False)
+      return _fill(st, pl, layer, safe_e, slot, weights, layout, n_experts)
+
+    state, pools = jax.lax.cond(miss, fetch, lambda args: args, (state, dict(pools)))
+    slot = state.table[layer, safe_e]
+    touched = jnp.where(valid, slot, state.owner.shape[0])  # out of range: dropped
+    state = state._replace(last_use=state.last_use.at[touched].set(state.clock, mode="drop"),
+                           uses=state.uses.at[touched].add(1, mode="drop"))
+    hits += (valid & ~miss).astype(jnp.int32)
+    misses += miss.astype(jnp.int32)
+  rhs_index = jnp.maximum(state.table[layer], 0)
+  if not keep:
+    state = _release_layer(state, layer, n_experts)
+  return state, pools, rhs_index, hits, misses, routed
+
+
+def _release_layer(state: CacheState, layer: int, n_experts: int) -> CacheState:
+  """Every slot of `layer` becomes free (its data stays until overwritten)."""
+  mine = (state.owner >= 0) & (state.owner // n_experts == layer)
+  return state._replace(table=state.table.at[layer].set(-1), owner=jnp.where(mine, -1, state.owner),
+                        last_use=jnp.where(mine, -1, state.last_use))
+
+
+def admit(state: CacheState, pools, touch_keys: jax.Array, fill_keys: jax.Array, buffers, *, layout,
+          policy: str):
+  """Traced, before a step's first layer: the planned experts `touch_keys` [n, 2] (layer, expert; -1
+  rows are padding) that are cached are marked used now, so that no fill evicts them; then the copied
+  experts `buffers` ([P] each, on the device) for `fill_keys` [len(buffers), 2] take victim slots
+  unless cached already. -> (state, pools)."""
+  n_experts = state.table.shape[1]
+  n_slots = state.owner.shape[0]
+  state = state._replace(clock=state.clock + 1)
+  safe = jnp.maximum(touch_keys, 0)
+  slots = jnp.where(touch_keys[:, 0] >= 0, state.table[safe[:, 0], safe[:, 1]], -1)
+  state = state._replace(last_use=state.last_use.at[jnp.where(slots >= 0, slots, n_slots)]
+                         .set(state.clock, mode="drop"))
+  for i, weights in enumerate(buffers):
+    layer, e = fill_keys[i, 0], fill_keys[i, 1]
+    safe_l, safe_e = jnp.maximum(layer, 0), jnp.maximum(e, 0)
+    wanted = (layer >= 0) & (state.table[safe_l, safe_e] < 0)
+
+    def fill(args, safe_l=safe_l, safe_e=safe_e, weights=weights):
+      st, pl = args
+      st, pl = _fill(st, pl, safe_l, safe_e, _victim(st, policy), weights, layout, n_experts)
+      slot = st.table[safe_l, safe_e]
+      return st._replace(last_use=st.last_use.at[slot].set(st.clock)), pl
+
+    state, pools = jax.lax.cond(wanted, fill, lambda args: args, (state, dict(pools)))
+  return state, pools
+
+
+def slot_count(cache_bytes: int, expert_bytes: int, needed: int) -> int:
+  """Slots a budget holds; a clear error if fewer than the `needed` experts one layer can route."""
+  n = int(cache_bytes) // expert_bytes
+  if n < needed:
+    raise ValueError(f"cache_bytes={cache_bytes} holds {n} experts of {expert_bytes} bytes, but one "
+                     f"layer can route {needed}: give at least {needed * expert_bytes} bytes")
+  return n
+
+
+def cached_experts(table: np.ndarray) -> list[list[int]]:
+  """Host copy of `CacheState.table` [L, E] -> per layer the cached expert ids."""
+  return [np.flatnonzero(row >= 0).tolist() for row in np.asarray(table)]

@@ -1,0 +1,237 @@
+"""Engine v2: every step (a prompt or one decode token) is one compiled program with no host round trip.
+
+Inside the program each layer's routed experts are looked up in the device cache table; misses are
+read straight from pinned host memory into slots the eviction policy frees (`device_cache`). The host
+dispatches step s+1 before it reads step s's token, routing and counts, so the device never waits for
+it. Plans that know the next step's experts (`oracle`, `noisy_oracle`) are copied to the device
+before step s is dispatched, overlapping it, and admitted by step s+1's program before its first layer.
+The true router decides what is computed: tokens and logits equal the all-resident model's.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.generate import check_prompt, select_token
+from jaxmoe.model import LayerCache, MoELM, init_cache
+from jaxmoe.offload import device_cache, strategies
+from jaxmoe.offload.cache import empty_pools
+from jaxmoe.offload.engine import OffloadStats, _attend_route, _embed, _last_logits, _layer_ffn, split_model
+from jaxmoe.offload.store import ExpertStore, device_sharding
+
+SUPPORTED = ("resident", "on_demand", "lru", "lfu", "oracle", "noisy_oracle")
+
+
+class StepOut(NamedTuple):
+  token: jax.Array  # [B] int32 next token
+  logits: jax.Array  # [B, V] f32
+  kv: tuple  # per-layer LayerCache
+  pools: dict  # {name: [S, ...]}
+  state: device_cache.CacheState
+  hits: jax.Array  # [L] int32 routed experts found cached
+  misses: jax.Array  # [L] int32 routed experts read from host memory
+  routed: tuple  # [L] of [U] distinct routed experts, -1 padded
+  pos: jax.Array  # [] tokens in the KV cache after the step
+  step: jax.Array  # [] steps run (sampling key)
+  table: jax.Array  # [L, E] the cache table after the step (a copy the host may read)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5),
+                   donate_argnames=("pools", "state", "kv"))
+def _step(head, structure, layout, policy: str, keep: bool, temperature: float, head_leaves,
+          layer_leaves, views, pools, state, kv, tokens, pos, step, key, touch_keys, fill_keys,
+          buffers) -> StepOut:
+  """One step over tokens [B, T] at position `pos`: the plan's copies admitted, then every layer with
+  its experts served from the cache or host memory, then the next token."""
+  state, pools = device_cache.admit(state, pools, touch_keys, fill_keys, buffers, layout=layout,
+                                    policy=policy)
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (b, t))
+  x = _embed(head, head_leaves, tokens)
+  hits, misses, routed, new_kv = [], [], [], []
+  for layer, (leaves, view, layer_cache) in enumerate(zip(layer_leaves, views, kv)):
+    x, h, experts, weights, layer_cache, _ = _attend_route(structure, leaves, (), x, positions,
+                                                          layer_cache, pos)
+    state, pools, rhs_index, hit, miss, ids = device_cache.serve_layer(
+        state, pools, view, layer, experts, layout=layout, policy=policy, keep=keep)
+    x = _layer_ffn(structure, leaves, pools, rhs_index, h, x, experts, weights)
+    hits.append(hit)
+    misses.append(miss)
+    routed.append(ids)
+    new_kv.append(layer_cache)
+  logits = _last_logits(head, head_leaves, x)
+  token = select_token(logits, temperature, None if temperature == 0.0 else jax.random.fold_in(key, step))
+  return StepOut(token, logits, tuple(new_kv), pools, state, jnp.stack(hits), jnp.stack(misses),
+                 tuple(routed), pos + t, step + 1, state.table + 0)
+
+
+class ProgramEngine:
+  """Exact MoE generation, one compiled program per step (see the module docstring).
+
+  `strategy`: one of `SUPPORTED` (a name or a `strategies.Strategy`); `cache_bytes`: the device
+  expert budget (`resident`: every expert, loaded once). The budget must hold every expert one layer
+  of a step can route: top_k per token of a decode step; for a prompt, min(tokens x top_k, experts).
+  `resident` holds every expert from the start; the other strategies start each request cold after
+  `reset_cache`."""
+
+  def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
+               strategy: str | strategies.Strategy = "lru", predictor=None,
+               store: ExpertStore | None = None, device: jax.Device | None = None):
+    cfg = model.cfg
+    self.cfg = cfg
+    if isinstance(strategy, str):
+      strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
+    if strategy.name not in SUPPORTED:
+      raise NotImplementedError(f"strategy {strategy.name!r} runs on OffloadEngine; ProgramEngine "
+                                f"runs {SUPPORTED}")
+    self.strategy = strategy
+    self.store = store if store is not None else ExpertStore.from_model(model, device)
+    if self.store.cfg != cfg:
+      raise ValueError("the expert store was built for another config")
+    self._sharding = device_sharding(device or self.store.device)
+    put = lambda tree: jax.device_put(tree, self._sharding)
+    self._head, self._head_leaves, self._layer, layer_leaves = split_model(model, put)
+    self._layer_leaves = tuple(layer_leaves)
+    self._views = tuple(self.store.host_view(layer) for layer in range(cfg.n_layers))
+    if strategy.resident:
+      cache_bytes = self.store.nbytes
+    elif cache_bytes is None:
+      raise ValueError(f"strategy {strategy.name!r} needs cache_bytes (the device expert budget)")
+    self.n_slots = device_cache.slot_count(cache_bytes, self.store.expert_bytes, cfg.top_k)
+    self._policy = "lru" if strategy.resident else strategy.eviction
+    self._keep = strategy.keeps_experts
+    self._pools = empty_pools(self.store, self.n_slots, device or self.store.device)
+    self._state = put(device_cache.empty_state(cfg.n_layers, cfg.n_experts, self.n_slots))
+    self._cached = np.full((cfg.n_layers, cfg.n_experts), -1)  # the host's last read of the table
+    self._pending: tuple = ()
+    if strategy.resident:
+      self._load_everything()
+
+  # -------------------------------------------------------------- public API
+
+  def generate(self, tokens, max_new_tokens: int, *, temperature: float = 0.0,
+               seed: int = 0) -> tuple[np.ndarray, OffloadStats]:
+    """Like `jaxmoe.generate.generate`: -> (tokens [B, T + N], stats with logits [B, N, V])."""
+    cfg = self.cfg
+    prompt = check_prompt(tokens, max_new_tokens, cfg.max_seq_len, cfg.vocab_size)
+    b, t = prompt.shape
+    stats = OffloadStats(hits=[0] * cfg.n_layers, misses=[0] * cfg.n_layers,
+                         stall_s=[0.0] * cfg.n_layers, batch=b, start_s=time.perf_counter())
+    key = jax.random.key(seed)
+    kv = tuple(jax.device_put(LayerCache(jnp.zeros_like(c.k), jnp.zeros_like(c.v)), self._sharding)
+               for c in init_cache(cfg, b).layers)
+    self._check_budget(b, t)
+    pos, step = jax.device_put((np.int32(0), np.int32(0)), self._sharding)
+    self._pending = self._issue_plan(None)
+    out = self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step=1)
+    outs = [out]
+    self._cached = np.asarray(out.table)
+    out.token.block_until_ready()
+    ready = [time.perf_counter()]
+    stats.ttft_s = ready[0] - stats.start_s
+    for n in range(1, max_new_tokens):
+      out = self._run(out.kv, out.token[:, None], out.pos, out.step, key, temperature, next_step=n + 1)
+      outs.append(out)
+      if n >= 2:  # step n-1 is read while step n is queued: the device never waits for the host
+        self._cached = np.asarray(outs[-2].table)
+        ready.append(time.perf_counter())
+    if max_new_tokens >= 2:
+      self._cached = np.asarray(outs[-1].table)
+      ready.append(time.perf_counter())
+    stats.e2e_s = ready[-1] - stats.start_s
+    stats.token_latencies_s = np.diff(ready).tolist()
+    stats.n_generated = max_new_tokens
+    self._record(stats, outs)
+    new = np.stack([np.asarray(o.token) for o in outs], axis=1)
+    return np.concatenate([prompt, new], axis=1), stats
+
+  def reset_cache(self):
+    """Forget every cached expert (the next request starts cold); `resident` stays loaded."""
+    if not self.strategy.resident:
+      self._cached = np.full_like(self._cached, -1)
+      self._state = jax.device_put(device_cache.empty_state(self.cfg.n_layers, self.cfg.n_experts,
+                                                            self.n_slots), self._sharding)
+
+  def close(self):
+    """Nothing runs in the background (kept for the engines' common interface)."""
+
+  def cached(self) -> list[list[int]]:
+    """Per layer, the experts the device cache holds now."""
+    return device_cache.cached_experts(np.asarray(self._state.table))
+
+  # -------------------------------------------------------------- internals
+
+  def _run(self, kv, tokens, pos, step, key, temperature, next_step: int | None) -> StepOut:
+    """Dispatch one step with the copies issued for it; first issue those of `next_step` (the
+    strategy's step numbering: 0 is the prompt), so that they overlap this step."""
+    touch, fill, buffers = self._pending
+    self._pending = self._issue_plan(next_step)
+    out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
+                self._head_leaves, self._layer_leaves, self._views, self._pools, self._state, kv, tokens,
+                pos, step, key, touch, fill, buffers)
+    self._pools, self._state = out.pools, out.state
+    return out
+
+  def _issue_plan(self, step: int | None) -> tuple:
+    """(touch keys, fill keys, copies in flight) of the experts the strategy plans for `step`: copies
+    of those the host last saw uncached, issued now (H2D copies overlap only compute dispatched after
+    them). Key counts are bucketed to powers of two, so few programs compile."""
+    plan = None
+    if step is not None and self.strategy.name in ("oracle", "noisy_oracle"):
+      plan = self.strategy.plan_step(None, 1, step, self.n_slots, self.cfg.n_layers)
+    keys = [(layer, e) for layer, experts in enumerate(plan or []) for e in experts][:self.n_slots]
+    fills = [k for k in keys if self._cached[k] < 0]
+    # fills pair with buffers one to one: their keys are not padded
+    buffers = jax.device_put([self.store.buffer(*k) for k in fills], self._sharding) if fills else []
+    return (self._keys(keys), self._keys(fills, len(buffers)), tuple(buffers))
+
+  def _keys(self, keys: list[tuple[int, int]], size: int | None = None) -> jax.Array:
+    if size is None:
+      size = 0 if not keys else 1 << (len(keys) - 1).bit_length()
+    padded = np.full((size, 2), -1, np.int32)
+    padded[:len(keys)] = np.asarray(keys, np.int32).reshape(-1, 2)
+    return jax.device_put(padded, self._sharding)
+
+  def _check_budget(self, batch: int, length: int):
+    """Every expert one layer of the prompt can route must fit the cache at once."""
+    cfg = self.cfg
+    needed = min(batch * length * cfg.top_k, cfg.n_experts)
+    if needed > self.n_slots:
+      raise ValueError(
+          f"a prompt of {batch} x {length} tokens can route {needed} experts in one layer, but the cache "
+          f"holds {self.n_slots}: give cache_bytes >= {needed * self.store.expert_bytes}, a shorter prompt, "
+          f"or use OffloadEngine, which streams such prompts through the cache")
+
+  def _record(self, stats: OffloadStats, outs: list[StepOut]):
+    hits, misses, routed = jax.device_get(([o.hits for o in outs], [o.misses for o in outs],
+                                           [o.routed for o in outs]))
+    stats.hits = np.sum(hits, axis=0).astype(int).tolist()
+    stats.misses = np.sum(misses, axis=0).astype(int).tolist()
+    stats.routing = [[sorted(int(e) for e in ids if e >= 0) for ids in step] for step in routed]
+    stats.step_read_bytes = [int(np.sum(m)) * self.store.expert_bytes for m in misses]
+    stats.host_read_bytes = sum(stats.step_read_bytes)
+    stats.logits = np.stack([np.asarray(o.logits) for o in outs], axis=1)
+
+  def _load_everything(self):
+    """`resident`: every expert into its slot once, through the same admission as a prefetch."""
+    cfg = self.cfg
+    keys = np.array([(layer, e) for layer in range(cfg.n_layers) for e in range(cfg.n_experts)],
+                    np.int32)
+    for layer in range(cfg.n_layers):
+      part = keys[layer * cfg.n_experts:(layer + 1) * cfg.n_experts]
+      buffers = tuple(jax.device_put([self.store.buffer(*k) for k in part], self._sharding))
+      part = jax.device_put(part, self._sharding)
+      self._state, self._pools = _admit(self.store.layout, self._state, self._pools, part[:0], part,
+                                        buffers)
+    self._cached = np.asarray(self._state.table)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
+def _admit(layout, state, pools, touch_keys, fill_keys, buffers):
+  return device_cache.admit(state, pools, touch_keys, fill_keys, buffers, layout=layout, policy="lru")

@@ -1,0 +1,116 @@
+"""Engine v2 (`ProgramEngine`, one compiled program per step): exact, and its device cache behaves."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmoe import config, generate as gen, model as model_lib
+from jaxmoe.offload import ExpertStore, device_cache, strategies
+from jaxmoe.offload.hostview import device_view
+from jaxmoe.offload.program import SUPPORTED, ProgramEngine
+from jaxmoe.offload.store import expert_layout, host_sharding
+from tests.offload.reference_runs import NEW_TOKENS
+
+
+def _strategy(name, ref):
+  if name in ("oracle", "noisy_oracle"):
+    return strategies.make(name, n_experts=ref.cfg.n_experts, routing=ref.routing, recall=0.5, seed=1)
+  return name
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_every_strategy_is_exact(reference, name):
+  cfg = reference.cfg
+  # the prompt (2 x 7 tokens) can route all 8 experts of a layer: the smallest budget that fits
+  cache = None if name == "resident" else cfg.n_experts * cfg.expert_bytes
+  engine = ProgramEngine(reference.model, cache_bytes=cache, strategy=_strategy(name, reference))
+  for _ in range(2):  # the second request runs on the first one's cache
+    tokens, stats = engine.generate(reference.prompt, NEW_TOKENS)
+    np.testing.assert_array_equal(tokens, reference.out.tokens)
+    np.testing.assert_array_equal(stats.logits, reference.out.logits)
+    assert stats.routing == reference.routing
+    routed = [sum(len(step[layer]) for step in stats.routing) for layer in range(cfg.n_layers)]
+    assert [h + m for h, m in zip(stats.hits, stats.misses)] == routed
+    assert stats.host_read_bytes == sum(stats.misses) * cfg.expert_bytes
+    engine.reset_cache()
+  if name == "resident":
+    assert sum(stats.misses) == 0
+  if name == "on_demand":  # drops every expert after its layer
+    assert sum(stats.hits) == 0
+
+
+def test_sampling_matches_the_reference(swiglu_reference):
+  ref = swiglu_reference
+  want = gen.generate(ref.model, ref.prompt, NEW_TOKENS, temperature=0.7, seed=5)
+  engine = ProgramEngine(ref.model, cache_bytes=ref.cfg.n_experts * ref.cfg.expert_bytes, strategy="lru")
+  tokens, stats = engine.generate(ref.prompt, NEW_TOKENS, temperature=0.7, seed=5)
+  np.testing.assert_array_equal(tokens, want.tokens)
+  np.testing.assert_array_equal(stats.logits, want.logits)
+
+
+def test_pallas_kernel_path_is_exact():
+  cfg = dataclasses.replace(config.tiny(), n_layers=1, kernel_impl="pallas")
+  model = model_lib.create(cfg, seed=4)
+  prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, (1, 3))
+  want = gen.generate(model, prompt, 3)
+  engine = ProgramEngine(model, cache_bytes=cfg.n_experts * cfg.expert_bytes, strategy="lru")
+  tokens, stats = engine.generate(prompt, 3)
+  np.testing.assert_array_equal(tokens, want.tokens)
+  np.testing.assert_array_equal(stats.logits, want.logits)
+
+
+def test_budgets_too_small_are_refused_with_the_size_needed(swiglu_reference):
+  ref = swiglu_reference
+  eb = ref.cfg.expert_bytes
+  with pytest.raises(ValueError, match=f"at least {ref.cfg.top_k * eb}"):
+    ProgramEngine(ref.model, cache_bytes=eb, strategy="lru")
+  engine = ProgramEngine(ref.model, cache_bytes=3 * eb, strategy="lru")
+  with pytest.raises(ValueError, match=f"cache_bytes >= {ref.cfg.n_experts * eb}"):
+    engine.generate(ref.prompt, NEW_TOKENS)
+
+
+def test_strategies_it_does_not_run_say_so(swiglu_reference):
+  with pytest.raises(NotImplementedError, match="OffloadEngine"):
+    ProgramEngine(swiglu_reference.model, cache_bytes=10**9, strategy="next_gate")
+
+
+def _serve_sequence(policy, keep, routes, n_slots=2, n_experts=4):
+  """Serve one-layer routings in turn on a cache of `n_slots`: -> [(hits, misses, cached experts)]."""
+  cfg = dataclasses.replace(config.tiny(), n_layers=1, n_experts=n_experts, d_model=16, d_ff=16)
+  layout = expert_layout(cfg)
+  size = layout[-1].offset + int(np.prod(layout[-1].shape))
+  host = np.arange(n_experts * size, dtype=np.float32).reshape(n_experts, size)
+  view = device_view(jax.device_put(host, host_sharding()), host.shape, host.dtype)
+  pools = {m.name: jnp.zeros((n_slots,) + m.shape, jnp.float32) for m in layout}
+  state = device_cache.empty_state(1, n_experts, n_slots)
+  serve = jax.jit(lambda st, pl, experts: device_cache.serve_layer(st, pl, view, 0, experts,
+                                                                     layout=layout, policy=policy,
+                                                                     keep=keep))
+  out = []
+  for experts in routes:
+    state, pools, rhs_index, hits, misses, _ = serve(state, pools, jnp.asarray([experts], jnp.int32))
+    for e in experts:  # the slot the FFN reads holds that expert's weights
+      w = np.asarray(pools[layout[0].name][int(rhs_index[e])]).reshape(-1)
+      np.testing.assert_array_equal(w, host[e, :w.size])
+    out.append((int(hits), int(misses), device_cache.cached_experts(np.asarray(state.table))[0]))
+  return out
+
+
+def test_lru_evicts_the_least_recently_used_expert():
+  # slots 2: [0] [1] -> full; [2] evicts 0; [1] hits; [0] evicts 2 (1 was used later)
+  got = _serve_sequence("lru", True, [[0], [1], [2], [1], [0]])
+  assert got == [(0, 1, [0]), (0, 1, [0, 1]), (0, 1, [1, 2]), (1, 0, [1, 2]), (0, 1, [0, 1])]
+
+
+def test_lfu_keeps_the_most_used_expert():
+  got = _serve_sequence("lfu", True, [[0], [0], [1], [2], [0]])
+  assert got == [(0, 1, [0]), (1, 0, [0]), (0, 1, [0, 1]), (0, 1, [0, 2]), (1, 0, [0, 2])]
+
+
+def test_a_layer_never_evicts_its_own_experts_and_on_demand_keeps_none():
+  got = _serve_sequence("lru", True, [[0, 1], [2, 3]])
+  assert got == [(0, 2, [0, 1]), (0, 2, [2, 3])]
+  assert _serve_sequence("lru", False, [[0, 1], [0, 1]]) == [(0, 2, []), (0, 2, [])]
