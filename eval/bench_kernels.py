@@ -1,18 +1,26 @@
 """Benchmark of the grouped expert kernels on the GPU: time, TFLOP/s, TB/s, share of the ceilings.
 
 Compares every implementation of `pallas_kernels` with XLA's ragged_dot and with JAX's own Mosaic GPU
-ragged_dot (plus the activation in XLA) at MoE layer shapes, and writes a JSON and a table.
+ragged_dot (plus the activation in XLA) at MoE layer shapes.
 
-  python eval/bench_kernels.py --out bench.json            # full table
-  python eval/bench_kernels.py --quick --sweep             # a few shapes, plus Mosaic tile variants
+  python3 -m eval.bench_kernels                         # full table (GPU)
+  python3 eval/bench_kernels.py                         # the same
+  python3 -m eval.bench_kernels --quick --sweep         # a few shapes, plus Mosaic tile variants
+  python3 -m eval.bench_kernels --family olmoe --impls xla,mosaic
+  python3 -m eval.bench_kernels --family tiny --iterations 2   # CPU smoke test of this script
+
+Prints a table and writes it with the results JSON to --out (runs/bench/bench_kernels/);
+--append-docs also appends it to docs/BENCHMARKS.md's "Expert kernels" section. On a CPU only xla and
+auto run: the GPU kernels' rows say "not on CPU".
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
-import json
+import shlex
 import statistics
 import sys
 import time
@@ -22,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from eval import bench_files
 from pallas_kernels.expert_ffn import hopper, portable
 from pallas_kernels.expert_ffn.config import HopperTiles
 
@@ -29,6 +38,8 @@ from pallas_kernels.expert_ffn.config import HopperTiles
 BF16_TFLOPS = 790.0
 HBM_TBS = 4.3  # bytes read + written per second
 L2_BYTES = 50 * 2**20
+SECTION = "## Expert kernels"
+GPU_ONLY = ("jax_mgpu", "pallas", "mosaic")  # timed as compiled GPU kernels, so never on another backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +148,9 @@ def _device_times_ms(fn, args, iterations: int) -> list[float]:
 
 
 def measure(shape: Shape, impl: str, sizes, inputs, iterations: int, tiles=None) -> dict:
+  backend = jax.default_backend()
+  if impl in GPU_ONLY and backend != "gpu":
+    return {"skipped": f"not on {backend.upper()}"}
   fn = _impl_fn(shape, impl, tiles)
   if fn is None:
     return {"error": "unavailable"}
@@ -193,17 +207,37 @@ def sweep_variants(shape: Shape) -> list[tuple[str, HopperTiles]]:
 
 
 def _row(shape, impl, r, base):
-  if "error" in r:
-    return f"{shape.name:<26} {impl:<8} {r['error']}"
+  if "ms" not in r:
+    return f"{shape.name:<26} {impl:<8} {r.get('skipped') or r['error']}"
   ratios = " ".join(f"{b['ms'] / r['ms']:5.2f}x" if b and "ms" in b else "   n/a"
                     for b in (base.get("xla"), base.get("jax_mgpu")))
   return (f"{shape.name:<26} {impl:<8} {r['ms']:9.4f} {r['tflops']:7.1f} {r['tbs']:6.2f} "
           f"{r['roofline_pct']:5.1f}% {ratios}")
 
 
+TABLE_HEAD = ("shape", "impl", "ms", "TFLOP/s", "TB/s", "roofline %", "vs xla", "vs jax_mgpu")
+
+
+def markdown(result: dict) -> str:
+  """The records as a markdown table under a line saying where and how they were measured."""
+  lines = [f"### {result['date']} on {result['device']} (jax {result['jax']})", "",
+           f"`{result['command']}`; ceilings {BF16_TFLOPS:g} TFLOP/s bf16, {HBM_TBS:g} TB/s HBM. "
+           "ms: median device time per layer call; roofline %: the larger of the FLOP and byte "
+           "floors over the time.", "",
+           "| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
+  for r in result["records"]:
+    if "ms" not in r:
+      cells = [r.get("skipped") or r["error"]] + [""] * 5
+    else:
+      cells = [f"{r['ms']:.4f}", f"{r['tflops']:.1f}", f"{r['tbs']:.2f}", f"{r['roofline_pct']:.1f}"]
+      cells += [f"{r[k]:.2f}x" if k in r else "n/a" for k in ("speedup_vs_xla", "speedup_vs_jax_mgpu")]
+    lines.append("| " + " | ".join([r["name"], r["impl"]] + cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default="bench_kernels.json", help="JSON file to write")
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  bench_files.add_arguments(p, "bench_kernels", SECTION)
   p.add_argument("--impls", default="xla,jax_mgpu,pallas,mosaic",
                  help="comma-separated: xla, jax_mgpu, pallas, mosaic, auto")
   p.add_argument("--iterations", type=int, default=20, help="timed repeats (median reported)")
@@ -218,6 +252,11 @@ def main(argv=None) -> int:
   rng = np.random.default_rng(0)
   impls = args.impls.split(",")
   records = []
+  command = shlex.join(sys.argv[1:] if argv is None else argv)
+  result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": f"python3 -m eval.bench_kernels {command}",
+            "ceilings": {"bf16_tflops": BF16_TFLOPS, "hbm_tbs": HBM_TBS},
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "records": records}
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; ceilings: "
         f"{BF16_TFLOPS} TFLOP/s bf16, {HBM_TBS} TB/s HBM (read+write)")
   print(f"{'shape':<26} {'impl':<8} {'ms':>9} {'TFLOP/s':>7} {'TB/s':>6} {'roof':>6} "
@@ -238,7 +277,7 @@ def main(argv=None) -> int:
       r = measure(shape, impl if tiles is None else "mosaic", sizes, inputs, args.iterations, tiles)
       if impl in ("xla", "jax_mgpu"):
         base[impl] = r
-      rec = {**dataclasses.asdict(shape), "rows": shape.rows, "impl": impl,
+      rec = {**dataclasses.asdict(shape), "name": shape.name, "rows": shape.rows, "impl": impl,
              "tiles": None if tiles is None else dataclasses.asdict(tiles),
              "nonempty_groups": int((sizes > 0).sum()), **r}
       for b in ("xla", "jax_mgpu"):
@@ -246,11 +285,11 @@ def main(argv=None) -> int:
           rec[f"speedup_vs_{b}"] = base[b]["ms"] / r["ms"]
       records.append(rec)
       print(_row(shape, impl, r, base), flush=True)
-      with open(args.out, "w") as fh:
-        json.dump({"ceilings": {"bf16_tflops": BF16_TFLOPS, "hbm_tbs": HBM_TBS},
-                   "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                   "records": records}, fh, indent=1)
+      bench_files.write(args.out, result, markdown(result))  # after each row: a cut run keeps its rows
     del inputs
+  print("wrote", *bench_files.write(args.out, result, markdown(result)))
+  if args.append_docs:
+    bench_files.append_to_section(args.append_docs, SECTION, markdown(result))
   return 0
 
 

@@ -6,7 +6,8 @@ time) and the copy/compute overlap read from a profiler trace.
   python -m eval.bench_offload --quick               # every code path in about a minute (GPU)
   python -m eval.bench_offload --preset tiny --quick # CPU smoke test
 
-Writes a JSON (--out), prints a table and appends it to --markdown (docs/BENCHMARKS.md by default).
+Prints a table and writes it with the results JSON to --out (runs/bench/bench_offload[_quick]/);
+--append-docs also appends it to docs/BENCHMARKS.md's "Offload engine" section.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import json
-import os
 import shlex
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval import bench_files
 from jaxmoe import config, generate as gen, model as model_lib
 from jaxmoe.offload import ExpertStore, OffloadEngine, strategies, trace
 from jaxmoe.offload.store import measure_h2d_bandwidth
@@ -63,26 +63,23 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true",
                  help="2 layers, prompts 16/256, 8 decoded tokens, budget 25%% (under one layer's "
                       "experts: prefill streams them through the cache in chunks), 90 s time limit, "
-                      "no markdown")
+                      "--out runs/bench/bench_offload_quick")
   p.add_argument("--time-limit", type=float, default=None,
                  help="seconds after which remaining rows are skipped and listed (default 200)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=None, help="JSON results (default runs/bench_offload[_quick].json)")
-  p.add_argument("--markdown", default=None,
-                 help="append the table to this file's 'Offload engine' section ('' = no; default "
-                      "docs/BENCHMARKS.md, none with --quick)")
+  bench_files.add_arguments(p, "bench_offload", SECTION)
   args = p.parse_args(argv)
   quick = args.quick
   defaults = {"layers": 2 if quick else None,
               "budgets": [25.0] if quick else [25.0, 50.0, 100.0],
               "prompts": [16, 256] if quick else [16, 512, 2048],
               "decode_tokens": 8 if quick else 64, "stream_all_tokens": 4 if quick else 8,
-              "time_limit": 90.0 if quick else 200.0,
-              "out": "runs/bench_offload_quick.json" if quick else "runs/bench_offload.json",
-              "markdown": "" if quick else "docs/BENCHMARKS.md"}
+              "time_limit": 90.0 if quick else 200.0}
   for name, value in defaults.items():
     if getattr(args, name) is None:
       setattr(args, name, value)
+  if quick and args.out == p.get_default("out"):
+    args.out += "_quick"
   return args
 
 
@@ -368,20 +365,6 @@ def markdown(result, prompts) -> str:
   return "\n".join(lines + [""])
 
 
-def append_markdown(path: str, text: str):
-  """Add `text` at the end of the "Offload engine" section (created at the end if missing); the
-  file's other sections are kept as they are."""
-  existing = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-  start = existing.find(SECTION)
-  if start < 0:
-    existing, start = existing.rstrip("\n") + "\n\n" + SECTION + "\n", len(existing.rstrip("\n")) + 2
-  end = existing.find("\n## ", start + len(SECTION))
-  end = len(existing) if end < 0 else end + 1
-  head = existing[:end].rstrip("\n") + "\n\n"
-  with open(path, "w") as f:
-    f.write(head + text.rstrip("\n") + "\n" + ("\n" + existing[end:] if end < len(existing) else ""))
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   result = bench(args)
@@ -393,12 +376,10 @@ def main(argv=None) -> dict:
   if result["skipped"]:
     print("skipped (time limit):", ", ".join(result["skipped"]))
   print(f"wall time {result['wall_s']:.0f} s")
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
-  if args.markdown:
-    append_markdown(args.markdown, markdown(result, args.prompts))
+  table = markdown(result, args.prompts)
+  print("wrote", *bench_files.write(args.out, result, table))
+  if args.append_docs:
+    bench_files.append_to_section(args.append_docs, SECTION, table)
   return result
 
 

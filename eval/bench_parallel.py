@@ -8,7 +8,8 @@ device bandwidth of each GPU's link measured alone and of all links copying toge
   python -m eval.bench_parallel --budget-mode total      # split one budget over the GPUs instead
   python -m eval.bench_parallel --cpu-smoke              # 2 fake CPU devices, tiny preset: seconds
 
-Writes a JSON (--out), prints a table and, with --markdown PATH, appends it to PATH.
+Prints a table and writes it with the results JSON to --out (runs/bench/bench_parallel/);
+--append-docs also appends it to docs/BENCHMARKS.md's "Expert-parallel engine" section.
 CPU numbers (--cpu-smoke) check that every code path runs; they are not speed measurements.
 """
 
@@ -18,14 +19,16 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import json
 import math
 import os
 import shlex
 import sys
 import time
 
+from eval import bench_files
+
 DEFAULT_STRATEGIES = ("on_demand", "lru", "stream_all", "oracle")
+SECTION = "## Expert-parallel engine"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,8 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES))
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="runs/bench_parallel.json")
-  p.add_argument("--markdown", default="", help="append the table to this file ('' = no)")
+  bench_files.add_arguments(p, "bench_parallel", SECTION)
   p.add_argument("--cpu-smoke", action="store_true",
                  help="fake --fake-devices CPU devices, tiny preset, short prompts (correctness only)")
   p.add_argument("--fake-devices", type=int, default=2, help="CPU devices faked by --cpu-smoke")
@@ -192,7 +194,8 @@ def bench(args) -> dict:
                                       / max(1, tokens - 1)}
       rows.append(row)
       print(format_row(row), flush=True)
-  return {"date": datetime.date.today().isoformat(), "command": " ".join(map(shlex.quote, sys.argv)),
+  return {"date": datetime.date.today().isoformat(),
+          "command": "python -m eval.bench_parallel " + shlex.join(sys.argv[1:]),
           "preset": args.preset, "n_layers": cfg.n_layers, "devices": n,
           "device_kind": devices[0].device_kind, "budget_pct": args.budget,
           "budget_mode": args.budget_mode, "cache_bytes_single": per_gpu_single,
@@ -232,13 +235,10 @@ def main(argv=None) -> dict:
   print(" | ".join(HEADER))
   result = bench(args)
   print(f"wall time {result['wall_s']:.0f} s")
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
-  if args.markdown:
-    with open(args.markdown, "a") as f:
-      f.write("\n" + markdown(result))
+  table = markdown(result)
+  print("wrote", *bench_files.write(args.out, result, table))
+  if args.append_docs:
+    bench_files.append_to_section(args.append_docs, SECTION, table)
   return result
 
 
