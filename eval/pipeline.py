@@ -219,14 +219,19 @@ def teacher_forced_nll(engine: OffloadEngine, seq: np.ndarray) -> float:
   return float(-np.mean(np.take_along_axis(logp, targets[..., None], -1)))
 
 
-def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, log=print) -> dict[str, Any]:
-  """Every strategy on held-out prompts: timings, bytes, hits, stalls, exactness, perplexity."""
+def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, log=print,
+                     on_progress=lambda part: None) -> dict[str, Any]:
+  """Every strategy on held-out prompts: timings, bytes, hits, stalls, exactness, perplexity.
+
+  `on_progress` gets {"strategies": rows, "noisy_oracle_sweep": points} after each strategy and sweep
+  point, so the caller can save what was measured before a later failure."""
   cfg = model.cfg
   store = ExpertStore.from_model(model)
   cache_bytes = max(int(s.cache_fraction * store.nbytes), cfg.top_k * store.expert_bytes)
   bandwidth = measure_h2d_bandwidth(store)
   val = corpus_tokens(cfg, corpus_dir, "val", max(s.prompt_lengths) + s.new_tokens + 64, seed=2)
-  prompts = {p: val[None, :p].astype(np.int32) for p in s.prompt_lengths}
+  # shortest first: a strategy's row reports the shortest prompt, the one the TTFT bound is for
+  prompts = {p: val[None, :p].astype(np.int32) for p in sorted(set(s.prompt_lengths))}
   ppl_seq = val[None, :min(2 * s.new_tokens, cfg.max_seq_len)].astype(np.int32)
   engines: dict[str, OffloadEngine] = {}
 
@@ -242,12 +247,13 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   # step as one program, whose bf16 rounding on a GPU may differ from the per-layer calls: its logit
   # difference shows by how much. Also records each prompt's routing.
   reference_engine = engine("resident", fuse_resident_step=False)
-  reference, routing = {}, {}
+  reference, routing, reference_times = {}, {}, {}
   for p, prompt in prompts.items():
     reference_engine.generate(prompt, s.new_tokens)  # warm-up: compiles every step shape
     tokens, stats = reference_engine.generate(prompt, s.new_tokens)
     reference[p] = generate_lib.GenerateOutput(tokens, stats.logits)
     routing[p] = stats.routing
+    reference_times[p] = {"ttft_s": stats.ttft_s, "tpot_s": stats.tpot_s}
   del reference_engine  # its device copy of every expert
   resident = engine("resident")
   rows = []
@@ -272,6 +278,7 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
     nll = teacher_forced_nll(engines[name], ppl_seq) if name in ("resident", "on_demand", "learned") else None
     row["perplexity"] = None if nll is None else math.exp(nll)
     rows.append(row)
+    on_progress({"strategies": rows, "noisy_oracle_sweep": []})
 
   p0 = min(prompts)
   sweep = []
@@ -282,6 +289,7 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
       sweep.append({"recall": r, **_request_row("noisy_oracle", runs, reference[p0].tokens,
                                                 reference[p0].logits)})
       eng.close()
+      on_progress({"strategies": rows, "noisy_oracle_sweep": sweep})
   overlap = None
   best = "learned" if "learned" in engines else next((n for n in engines if n != "resident"), None)
   if s.profile and best and jax.default_backend() == "gpu":
@@ -291,6 +299,9 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   return {"strategies": rows, "noisy_oracle_sweep": sweep, "bandwidth_bytes_per_s": bandwidth,
           "cache_bytes": cache_bytes, "store_bytes": store.nbytes, "expert_bytes": store.expert_bytes,
           "overlap": overlap, "profiled_strategy": best,
+          # one request of the per-layer all-resident reference (shortest prompt): the analytic model's
+          # compute time when the `resident` strategy was not run
+          "reference_timing": reference_times[p0],
           # distinct (layer, expert) pairs the shortest prompt's prefill routes: what a cold cache must copy
           "prefill_needed_experts": sum(len(experts) for experts in routing[p0][0])}
 
@@ -313,9 +324,13 @@ def profile_overlap(eng: OffloadEngine, prompt, new_tokens: int, trace_dir: Path
 
 
 def stage_analytic(res: dict[str, Any], cfg, new_tokens: int) -> None:
-  """Set an analytic prediction beside each strategy's measured TTFT and per-token latency."""
+  """Set an analytic prediction beside each strategy's measured TTFT and per-token latency.
+
+  The compute time is that of the `resident` strategy, or of the per-layer resident reference when
+  `resident` was not run; res["analytic_base"] says which (None: neither was measured, no predictions)."""
   rows = {r["name"]: r for r in res["strategies"]}
-  base = rows.get("resident")
+  base = rows.get("resident") or res.get("reference_timing")
+  res["analytic_base"] = None if base is None else "resident" if "resident" in rows else "reference"
   if base is None:
     return
   bw, eb = res["bandwidth_bytes_per_s"], res["expert_bytes"]
@@ -359,10 +374,13 @@ def targets(rows: dict[str, dict]) -> list[dict[str, Any]]:
 
 
 def _ttft_target(label: str, rows: list[dict]) -> dict[str, Any]:
+  """The target's verdict is None ("-") when the bound could not be computed."""
   best = min(rows, key=lambda r: r["ttft_s"])
+  target = f"{label} time-to-first-token ({best['name']}) within 1.10x of its PCIe bound"
+  if best.get("ttft_bound_s") is None:
+    return {"target": target, "value": "-", "met": None}
   v = best["ttft_s"] / best["ttft_bound_s"]
-  return {"target": f"{label} time-to-first-token ({best['name']}) within 1.10x of its PCIe bound",
-          "value": f"{v:.2f}x", "met": v <= 1.10}
+  return {"target": target, "value": f"{v:.2f}x", "met": v <= 1.10}
 
 
 def break_even(sweep: list[dict], target_tpot: float) -> float | None:
@@ -401,30 +419,43 @@ def run(s: RunSettings, out: Path, model_path: str | None = None, data: str | No
   token_rows = [r for r in comparison["rows"] if r["family"] in ("token_mlp", "context")]
   best_family = max(token_rows, key=lambda r: r["recall_k_avg"])["family"]
   predictor = predictor_store.load_predictor(str(out / "predictors" / best_family))
-  log(f"[strategies] learned = {best_family}; running {', '.join(s.strategies)}")
-  res = stage_strategies(s, model, corpus_dir, predictor, out, log)
-  stage_analytic(res, cfg, s.new_tokens)
-  rows = {r["name"]: r for r in res["strategies"]}
-  if "resident" in rows:  # the decode step the predictors' cost is compared with
-    comparison["meta"]["us_decode_step_model"] = rows["resident"]["tpot_s"] * 1e6
+  # results.json is rewritten after every strategy ("complete": false until the end), so what was
+  # measured survives a failure in a later strategy or stage
   results = {
       "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "commit": git_commit(), "backend": jax.default_backend(),
                "device": jax.devices()[0].device_kind, "platform": platform.platform(),
-               "jax": jax.__version__, "settings": dataclasses.asdict(s), "wall_s": None},
+               "jax": jax.__version__, "settings": dataclasses.asdict(s), "wall_s": None, "complete": False},
       "model": {"config": cfg.to_dict(), "training": train_summary},
-      "predictors": comparison["rows"], "predictor_meta": comparison["meta"],
-      "learned_family": best_family, **res,
-      "break_even_recall": {b: break_even(res["noisy_oracle_sweep"], rows[b]["tpot_s"])
-                            for b in ("on_demand", "lru") if b in rows},
+      "predictors": comparison["rows"], "predictor_meta": comparison["meta"], "learned_family": best_family,
   }
-  results["targets"] = targets(rows)
-  results["timeline"] = _timeline_for_plot(rows)
-  results["meta"]["wall_s"] = time.perf_counter() - t0
-  (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+
+  def save(part: dict[str, Any]) -> None:
+    results.update(part)
+    results["meta"]["wall_s"] = time.perf_counter() - t0
+    _write_results(out, results)
+
+  log(f"[strategies] learned = {best_family}; running {', '.join(s.strategies)}")
+  res = stage_strategies(s, model, corpus_dir, predictor, out, log, on_progress=save)
+  save(res)
+  stage_analytic(res, cfg, s.new_tokens)
+  rows = {r["name"]: r for r in res["strategies"]}
+  if "resident" in rows:  # the decode step the predictors' cost is compared with
+    comparison["meta"]["us_decode_step_model"] = rows["resident"]["tpot_s"] * 1e6
+  results["meta"]["complete"] = True
+  save({**res, "break_even_recall": {b: break_even(res["noisy_oracle_sweep"], rows[b]["tpot_s"])
+                                     for b in ("on_demand", "lru") if b in rows},
+        "targets": targets(rows), "timeline": _timeline_for_plot(rows)})
   pngs = plots.write_all(results, out)
   (out / "report.md").write_text(report.markdown(results, [p.name for p in pngs]))
   return results
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+  """results.json, replaced whole (a reader never sees half a file)."""
+  tmp = out / "results.json.tmp"
+  tmp.write_text(json.dumps(results, indent=2, default=_json_default))
+  tmp.replace(out / "results.json")
 
 
 def _timeline_for_plot(rows: dict[str, dict]) -> dict[str, Any] | None:

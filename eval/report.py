@@ -21,6 +21,19 @@ def _repeats(results: dict) -> int:
   return max((r.get("repeats", 1) for r in results.get("strategies", [])), default=1)
 
 
+def _verdict(met: bool | None) -> str:
+  return "-" if met is None else "met" if met else "MISSED"
+
+
+def _analytic_base(results: dict) -> str:
+  """Whose compute time the analytic model used (pipeline.stage_analytic)."""
+  base = results.get("analytic_base", "resident")
+  if base == "reference":
+    return ("compute from one request of the per-layer all-resident reference (`resident` was not "
+            "run)")
+  return "compute from `resident`" if base else "not computed (no resident time was measured)"
+
+
 def strategy_table(results: dict[str, Any]) -> str:
   rows = results["strategies"]
   by = {r["name"]: r for r in rows}
@@ -95,7 +108,8 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
           "`exact`: the generated tokens equal those of the all-resident model run layer by layer "
           f"(largest logit difference: offloaded strategies {offloaded_diff:.2e}, `resident` as one "
           f"program per step {resident_diff:.2e}). `predicted`: the analytic model of `eval/analytic.py`, "
-          "max(compute, prefetched bytes / bandwidth) + on-demand bytes / bandwidth per token. "
+          "max(compute, prefetched bytes / bandwidth) + on-demand bytes / bandwidth per token, "
+          f"{_analytic_base(results)}. "
           "`stall`: the request's total time that layers' FFNs waited for their expert copies, from "
           "the dispatch until the last copy landed. "
           f"Times are medians over {_repeats(results)} timed requests per strategy and prompt, each from "
@@ -110,7 +124,7 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
   if results.get("targets"):
     out += ["Targets (they are set for the GPU; on a CPU they only show the engine runs):", "",
             "| target | measured | verdict |", "|---|---|---|"]
-    out += [f"| {t['target']} | {t['value']} | {'met' if t['met'] else 'MISSED'} |" for t in results["targets"]]
+    out += [f"| {t['target']} | {t['value']} | {_verdict(t['met'])} |" for t in results["targets"]]
     out += ["", "A missed target's cause is in the gaps below: where the measurement departs from the "
             "analytic model, that is where the time went.", ""]
   gaps = [f"- `{r['name']}`: {r['model_gap']}" for r in results["strategies"] if r.get("model_gap")]
