@@ -55,8 +55,9 @@ class RunSettings:
     if not 0 < self.cache_fraction <= 1:
       raise ValueError(f"--cache-fraction must lie in (0, 1], got {self.cache_fraction}")
     unknown = sorted(set(self.strategies) - set(strategies_lib.NAMES))
-    if unknown:
-      raise ValueError(f"unknown strategies {unknown}; choose from {strategies_lib.NAMES}")
+    if unknown or not self.strategies:
+      raise ValueError(f"--strategies: unknown strategies {unknown or 'none given'}; choose from "
+                       f"{', '.join(strategies_lib.NAMES)}")
     if self.new_tokens < 2 or not self.prompt_lengths or min(self.prompt_lengths) < 1:
       raise ValueError("need --new-tokens >= 2 and positive --prompt-lengths")
     if self.repeats < 1:
@@ -79,7 +80,8 @@ RUN_PRESETS = {
 
 def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, prompt_lengths=None,
                  new_tokens=None, train_minutes=None, repeats=None, profile=True) -> RunSettings:
-  """The preset's settings with the command line's overrides (None keeps the preset's value)."""
+  """The preset's settings with the command line's overrides (None keeps the preset's value);
+  strategies is comma-separated text, prompt_lengths a sequence of ints."""
   name = preset or ("gpu" if jax.default_backend() == "gpu" else "small")
   s = RUN_PRESETS[name]
   over: dict[str, Any] = {"profile": profile}
@@ -88,7 +90,7 @@ def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, pr
   if strategies:
     over["strategies"] = tuple(x.strip() for x in strategies.split(",") if x.strip())
   if prompt_lengths:
-    over["prompt_lengths"] = tuple(int(x) for x in prompt_lengths.split(","))
+    over["prompt_lengths"] = tuple(prompt_lengths)
   if new_tokens is not None:
     over["new_tokens"] = new_tokens
   if train_minutes is not None:
@@ -96,6 +98,42 @@ def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, pr
   if repeats is not None:
     over["repeats"] = repeats
   return dataclasses.replace(s, **over)
+
+
+def min_cache_fraction(cfg) -> float:
+  """The smallest cache fraction that holds one token's experts of a layer (top_k of them): less and
+  a layer's FFN could not find its routed experts on the device at once."""
+  return cfg.top_k / (cfg.n_layers * cfg.n_experts)
+
+
+def check_fits(s: RunSettings, cfg) -> None:
+  """Raise ValueError, naming the flag, when the run's sizes do not fit the model `cfg`."""
+  longest = max(s.prompt_lengths)
+  if longest + s.new_tokens > cfg.max_seq_len:
+    raise ValueError(f"--prompt-lengths {longest} plus --new-tokens {s.new_tokens} exceed the model's "
+                     f"max_seq_len {cfg.max_seq_len}")
+  low = min_cache_fraction(cfg)
+  if s.cache_fraction < low:
+    raise ValueError(f"--cache-fraction {s.cache_fraction:g} cannot hold one token's {cfg.top_k} experts of "
+                     f"a layer ({cfg.n_layers} layers x {cfg.n_experts} experts); the smallest valid value "
+                     f"is {math.ceil(low * 1e6) / 1e6:g}")
+
+
+def planned_config(preset: str, model_path: str | None):
+  """The config of the model a run will use, read without loading or training it."""
+  if not model_path:
+    return config_lib.preset(preset)
+  path = Path(model_path)
+  if not path.exists():
+    raise FileNotFoundError(f"--model {model_path}: no such directory")
+  if _is_hf_dir(path):
+    from jaxmoe import hf
+    return hf.config_from_hf(hf.read_hf_config(path))
+  return checkpoint.load_config(path)
+
+
+def _is_hf_dir(path: Path) -> bool:
+  return (path / "config.json").exists() and "model_type" in json.loads((path / "config.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -106,7 +144,7 @@ def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | N
     path = Path(model_path)
     if not path.exists():
       raise FileNotFoundError(f"--model {model_path}: no such directory")
-    if (path / "config.json").exists() and "model_type" in json.loads((path / "config.json").read_text()):
+    if _is_hf_dir(path):
       from jaxmoe import hf
       cfg, model = hf.from_pretrained(path)
       return cfg, model, None, None
@@ -226,7 +264,9 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   `on_progress` gets {"strategies": rows, "noisy_oracle_sweep": points} after each strategy and sweep
   point, so the caller can save what was measured before a later failure."""
   cfg = model.cfg
+  check_fits(s, cfg)
   store = ExpertStore.from_model(model)
+  # check_fits refused fractions below one token's experts: the max only absorbs float rounding
   cache_bytes = max(int(s.cache_fraction * store.nbytes), cfg.top_k * store.expert_bytes)
   bandwidth = measure_h2d_bandwidth(store)
   val = corpus_tokens(cfg, corpus_dir, "val", max(s.prompt_lengths) + s.new_tokens + 64, seed=2)
