@@ -1,9 +1,12 @@
 """Command-line helpers shared by the project's scripts: argparse types whose errors name the flag and
-the bad value (argparse prints them as one line and exits with status 2)."""
+the bad value (argparse prints them as one line, exit status 2), and where a main job keeps its model."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+MODEL_SUBDIR = "model"  # where `eval.run` trains (or finds) its model inside its output directory
 
 
 def int_at_least(low: int):
@@ -55,3 +58,10 @@ def fraction(text: str) -> float:
     raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
   return value
 
+
+def model_run_dir(path: str | Path) -> Path:
+  """The model run directory named by `path`: a main job's output directory (its model/ inside) or a
+  model run directory itself, so the pieces chain after `eval.run` as they do after `train.train_model`."""
+  path = Path(path)
+  inner = path / MODEL_SUBDIR
+  return inner if inner.is_dir() and not (path / "config.json").exists() else path

@@ -167,7 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", required=True, help="output directory (traces/ and predictors/ go here too)")
   p.add_argument("--traces", help="traces directory; without it traces are collected first")
   p.add_argument("--predictors", nargs="*", default=None, help="trained predictor directories")
-  p.add_argument("--run-dir", help="trained model run directory (else --preset, randomly initialised)")
+  p.add_argument("--run-dir", help="trained model run directory, or a main job's output directory (its "
+                                    "model/ inside); else --preset, randomly initialised")
   p.add_argument("--preset", default="tiny", choices=sorted(config_lib.PRESETS),
                  help="model preset without --run-dir")
   p.add_argument("--families", nargs="*", default=list(models.FAMILIES), choices=models.FAMILIES,
@@ -178,6 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lookaheads", type=cli.positive_int_list, default=(1, 2),
                  help="comma-separated lookaheads for hidden-state methods")
   a = p.parse_args(argv)
+  if a.run_dir:
+    a.run_dir = str(cli.model_run_dir(a.run_dir))
   named = [("--traces", a.traces), ("--run-dir", a.run_dir)] + [("--predictors", d) for d in a.predictors or []]
   for flag, path in named:
     if path and not os.path.isdir(path):

@@ -26,7 +26,7 @@ from jaxmoe.offload.store import measure_h2d_bandwidth
 from jaxmoe.predictor import data as traces_lib
 from jaxmoe.predictor import store as predictor_store
 from jaxmoe.predictor.training import train_predictor
-from eval import analytic, plots, report
+from eval import analytic, cli, plots, report
 
 STRATEGIES = ("resident", "on_demand", "lru", "stream_all", "next_gate", "oracle", "learned")
 NOISY_RECALLS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -153,7 +153,7 @@ def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | N
     return cfg, model, path if (path / "data").exists() else None, (
         json.loads(summary.read_text()) if summary.exists() else None)
   from train import train_model
-  run_dir = out / "model"
+  run_dir = out / cli.MODEL_SUBDIR
   summary_path = run_dir / "summary.json"
   if summary_path.exists():
     log(f"[model] reusing the trained model in {run_dir}")

@@ -23,8 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--preset", default=None, choices=sorted(pipeline.RUN_PRESETS),
                  help="model and run sizes (default: gpu on a GPU, small otherwise)")
   p.add_argument("--model", default=None,
-                 help="use this model instead of training one: a run directory of train.train_model, an "
-                      "Orbax checkpoint directory, or a Hugging Face checkpoint directory")
+                 help="use this model instead of training one: a run directory of train.train_model (or "
+                      "an earlier main job's output directory, its model/ inside), an Orbax checkpoint "
+                      "directory, or a Hugging Face checkpoint directory")
   p.add_argument("--data", default=None,
                  help="training text for the model: a directory or file (.txt .md .rst .py .jsonl) or a saved "
                       "datasets directory (default: this Python's standard library source)")
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
   p.add_argument("--no-trace", action="store_true", help="skip the profiler trace (copy/compute overlap)")
   a = p.parse_args(argv)
+  if a.model:
+    a.model = str(cli.model_run_dir(a.model))
   try:
     a.settings = pipeline.settings_for(a.preset, cache_fraction=a.cache_fraction, strategies=a.strategies,
                                        prompt_lengths=a.prompt_lengths, new_tokens=a.new_tokens,

@@ -60,8 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   if bad or not a.families:
     p.error(f"--families: {bad or 'none given'}; this curve covers the token-driven families "
             f"{', '.join(TOKEN_FAMILIES)} (cross_layer needs hidden states of every traced token)")
-  if a.model and not Path(a.model).is_dir():
-    p.error(f"--model {a.model}: no such directory")
+  if a.model:
+    a.model = str(cli.model_run_dir(a.model))
+    if not Path(a.model).is_dir():
+      p.error(f"--model {a.model}: no such directory")
   return a
 
 
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
   if not split or not split.exists():
     raise FileNotFoundError("the learning curve needs the model's tokenized training corpus "
                             "(data/train_tokens.npy of a train.train_model run directory); "
-                            f"{a.model or out / 'model'} has none")
+                            f"{a.model or out / cli.MODEL_SUBDIR} has none")
   tokens = np.load(split).reshape(-1)[: a.max_tokens]
   seq = min(settings.trace_seq_len, cfg.max_seq_len)
   rows, docs = traces_lib.token_rows(tokens, seq)

@@ -1,7 +1,7 @@
 """Collect routing traces: run an MoE model over a token corpus and save, per token and layer, the routed
 experts, router probabilities and hidden states (the data the routing predictors learn from).
 
-  python -m train.collect_traces --run-dir runs/small --out runs/small/traces
+  python -m train.collect_traces --run-dir runs/small --out runs/small/traces_val --split val
   python -m train.collect_traces --preset tiny --out /tmp/traces          # random model and tokens
 """
 
@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   """The command line, checked before the model is loaded (argparse's one-line error, exit status 2)."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="traces directory to write")
-  p.add_argument("--run-dir", help="trained model run directory (its checkpoint and tokenized corpus)")
+  p.add_argument("--run-dir", help="trained model run directory (its checkpoint and tokenized corpus), or "
+                                    "a main job's output directory (its model/ inside)")
   p.add_argument("--preset", default="tiny", choices=sorted(config_lib.PRESETS),
                  help="without --run-dir: a randomly initialised preset")
   p.add_argument("--tokens", help="a .npy file of [N] token ids (default: the run's corpus, else random)")
@@ -72,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="'all', 'none' or comma-separated layer ids")
   p.add_argument("--seed", type=int, default=0, help="random model / random tokens")
   a = p.parse_args(argv)
+  if a.run_dir:
+    a.run_dir = str(cli.model_run_dir(a.run_dir))
   if a.run_dir and not os.path.isdir(a.run_dir):
     p.error(f"--run-dir {a.run_dir}: no such directory")
   if a.tokens and not os.path.isfile(a.tokens):
