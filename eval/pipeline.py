@@ -123,7 +123,7 @@ def planned_config(preset: str, model_path: str | None):
   """The config of the model a run will use, read without loading or training it."""
   if not model_path:
     return config_lib.preset(preset)
-  path = Path(model_path)
+  path = cli.model_run_dir(model_path)
   if not path.exists():
     raise FileNotFoundError(f"--model {model_path}: no such directory")
   if _is_hf_dir(path):
@@ -139,9 +139,10 @@ def _is_hf_dir(path: Path) -> bool:
 # ------------------------------------------------------------------------------------------ stages
 
 def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | None = None, log=print):
-  """(cfg, model, corpus dir or None, training summary or None)."""
+  """(cfg, model, corpus dir or None, training summary or None). model_path: a model run directory, a
+  main job's output directory (its model/ inside), an Orbax checkpoint or a Hugging Face directory."""
   if model_path:
-    path = Path(model_path)
+    path = cli.model_run_dir(model_path)
     if not path.exists():
       raise FileNotFoundError(f"--model {model_path}: no such directory")
     if _is_hf_dir(path):

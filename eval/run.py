@@ -43,8 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
   p.add_argument("--no-trace", action="store_true", help="skip the profiler trace (copy/compute overlap)")
   a = p.parse_args(argv)
-  if a.model:
-    a.model = str(cli.model_run_dir(a.model))
   try:
     a.settings = pipeline.settings_for(a.preset, cache_fraction=a.cache_fraction, strategies=a.strategies,
                                        prompt_lengths=a.prompt_lengths, new_tokens=a.new_tokens,

@@ -39,8 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="model size when one is trained, and the traced sequence length "
                       "(default: gpu on a GPU, small otherwise)")
   p.add_argument("--model", default=None,
-                 help="a run directory of train.train_model (its tokenized corpus is traced); default: the "
-                      "model in OUT/model, trained there first as the main job does if missing")
+                 help="a run directory of train.train_model or a main job's output directory (its tokenized "
+                      "corpus is traced); default: the model in OUT/model, trained there first as the main "
+                      "job does if missing")
   p.add_argument("--data", default=None, help="training text when a model is trained (as in eval.run)")
   p.add_argument("--train-minutes", type=cli.positive_float, default=None,
                  help="wall-clock budget when a model is trained (default: the preset's)")
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma-separated training-set sizes in tokens; 'all' is the whole training split")
   p.add_argument("--families", default=",".join(TOKEN_FAMILIES),
                  help=f"comma-separated token-driven families, of {','.join(TOKEN_FAMILIES)}")
-  p.add_argument("--steps", type=cli.positive_int, default=3000, help="optimizer steps per run (BCE, early stopping)")
+  p.add_argument("--steps", type=cli.positive_int, default=3000,
+                 help="optimizer steps per run (BCE, early stopping)")
   p.add_argument("--max-tokens", type=cli.positive_int, default=None,
                  help="trace at most this many tokens of the training split (default: all of it)")
   p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
@@ -60,10 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if bad or not a.families:
     p.error(f"--families: {bad or 'none given'}; this curve covers the token-driven families "
             f"{', '.join(TOKEN_FAMILIES)} (cross_layer needs hidden states of every traced token)")
-  if a.model:
-    a.model = str(cli.model_run_dir(a.model))
-    if not Path(a.model).is_dir():
-      p.error(f"--model {a.model}: no such directory")
+  if a.model and not Path(a.model).is_dir():
+    p.error(f"--model {a.model}: no such directory")
   return a
 
 

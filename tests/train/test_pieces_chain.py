@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from eval import cli, compare_predictors, run, trace_volume
+from eval import cli, compare_predictors, pipeline
 from jaxmoe import checkpoint, config, model as model_lib
 from train import collect_traces, train_predictor
 
@@ -19,8 +19,7 @@ def test_traces_predictor_and_comparison_from_a_main_job_directory(tmp_path, cap
           np.random.default_rng(0).integers(0, cfg.vocab_size, 512))
   assert cli.model_run_dir(out) == out / cli.MODEL_SUBDIR
   assert cli.model_run_dir(out / cli.MODEL_SUBDIR) == out / cli.MODEL_SUBDIR
-  for parse in (run.parse_args, trace_volume.parse_args):  # --model takes either directory too
-    assert parse(["--model", str(out), "--preset", "tiny"]).model == str(out / cli.MODEL_SUBDIR)
+  assert pipeline.planned_config("tiny", str(out)) == cfg  # eval.run and trace_volume's --model too
 
   traces = out / "traces_more"
   assert collect_traces.main(["--run-dir", str(out), "--out", str(traces), "--max-tokens", "256",
