@@ -223,6 +223,13 @@ def timed_requests(eng: OffloadEngine, prompt, new_tokens: int, repeats: int) ->
   return sorted(runs, key=lambda run: run[1].tpot_s)
 
 
+def _step_starts(stats) -> list[float]:
+  """When each step of a request began, seconds since its start (the clock of its copy timeline):
+  the prefill at 0, decode step k after the prefill and the k - 1 decode steps before it."""
+  decode = stats.ttft_s + np.cumsum([0.0, *stats.token_latencies_s])[:-1]
+  return [0.0, *map(float, decode)]
+
+
 def _median_stats(runs):
   """The stats of the request with the median per-token time (runs as `timed_requests` orders them)."""
   return runs[(len(runs) - 1) // 2][1]
@@ -308,14 +315,15 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
       per_prompt.append({"prompt_len": p, **_request_row(name, runs, reference[p].tokens, reference[p].logits)})
       if p == min(prompts):
         engines[name] = eng
-        timeline = _median_stats(runs).timeline()
+        median = _median_stats(runs)
+        timeline, step_starts = median.timeline(), _step_starts(median)
       elif eng is not resident:
         eng.close()
     first = per_prompt[0]
     row = {**first, "ttft_s_by_prompt": {r["prompt_len"]: r["ttft_s"] for r in per_prompt},
            "tokens_equal": all(r["tokens_equal"] for r in per_prompt),
            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in per_prompt),
-           "by_prompt": per_prompt, "timeline": timeline}
+           "by_prompt": per_prompt, "timeline": timeline, "step_starts_s": step_starts}
     nll = teacher_forced_nll(engines[name], ppl_seq) if name in ("resident", "on_demand", "learned") else None
     row["perplexity"] = None if nll is None else math.exp(nll)
     rows.append(row)
@@ -503,9 +511,10 @@ def _timeline_for_plot(rows: dict[str, dict]) -> dict[str, Any] | None:
   name = "learned" if "learned" in rows else next((n for n in rows if rows[n].get("timeline")), None)
   if name is None:
     return None
-  copies = [{"layer": c["layer"], "issue_s": c["issue_s"], "ready_s": c["ready_s"],
+  copies = [{"layer": c["layer"], "step": c["step"], "issue_s": c["issue_s"], "ready_s": c["ready_s"],
              "prefetched": c["reason"] != "demand"} for c in rows[name]["timeline"] if c["ready_s"] is not None]
-  return {"strategy": name, "copies": copies}
+  return {"strategy": name, "copies": copies, "step_starts_s": rows[name].get("step_starts_s", []),
+          "prompt_len": rows[name].get("prompt_len")}
 
 
 def _json_default(x):

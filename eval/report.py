@@ -17,6 +17,12 @@ def _pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def ttft_prompt(results: dict) -> str:
+  """Which prompt a strategy row's TTFT is for: the shortest one the run timed."""
+  lengths = [r["prompt_len"] for r in results.get("strategies", []) if "prompt_len" in r]
+  return f"{min(lengths)}-token prompt" if lengths else "prompt length not recorded"
+
+
 def _repeats(results: dict) -> int:
   return max((r.get("repeats", 1) for r in results.get("strategies", [])), default=1)
 
@@ -37,11 +43,11 @@ def _analytic_base(results: dict) -> str:
 def strategy_table(results: dict[str, Any]) -> str:
   rows = results["strategies"]
   by = {r["name"]: r for r in rows}
-  lines = ["| strategy | exact | TTFT ms (by prompt) | per-token ms | predicted ms | e2e ms | tok/s | MiB copied "
+  lines = ["| strategy | exact | TTFT ms (prompt tokens: ms) | per-token ms | predicted ms | e2e ms | tok/s | MiB copied "
            "(useful / wasted) | hit rate | stall ms | vs on_demand | vs lru | vs resident |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    ttfts = " / ".join(f"{p}: {_ms(t)}" for p, t in r["ttft_s_by_prompt"].items())
+    ttfts = " / ".join(f"{p} tok: {_ms(t)}" for p, t in r["ttft_s_by_prompt"].items())
     speed = lambda base: f"{by[base]['tpot_s'] / r['tpot_s']:.2f}x" if base in by and r["tpot_s"] else "-"
     lines.append(
         f"| {r['name']} | {'yes' if r['tokens_equal'] else 'NO'} | {ttfts} | {_ms(r['tpot_s'])} | "
@@ -62,7 +68,8 @@ def predictor_table(results: dict[str, Any]) -> str:
 
 def summary_table(results: dict[str, Any]) -> str:
   """A short fixed-width table for the terminal."""
-  lines = [f"{'strategy':<14}{'exact':>6}{'TTFT ms':>10}{'tok ms':>9}{'tok/s':>9}{'MiB':>9}{'hit':>7}"]
+  lines = [f"TTFT: time to first token of the {ttft_prompt(results)}; tok ms: per decode step after it",
+           f"{'strategy':<14}{'exact':>6}{'TTFT ms':>10}{'tok ms':>9}{'tok/s':>9}{'MiB':>9}{'hit':>7}"]
   for r in results["strategies"]:
     lines.append(f"{r['name']:<14}{'yes' if r['tokens_equal'] else 'NO':>6}{r['ttft_s'] * 1e3:>10.2f}"
                  f"{r['tpot_s'] * 1e3:>9.2f}{r['tokens_per_s']:>9.1f}{r['bytes_copied'] / 2**20:>9.1f}"

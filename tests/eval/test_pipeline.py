@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eval import pipeline
+from eval import pipeline, report
 
 FAST = dataclasses.replace(pipeline.RUN_PRESETS["tiny"], train_minutes=0.05, trace_tokens=512, trace_seq_len=32,
                            predictor_steps=4, prompt_lengths=(8,), new_tokens=3, noisy_recalls=(1.0,),
@@ -33,9 +33,24 @@ def test_a_subset_without_resident_runs_to_a_report(subset_run):
     assert r["predicted_tpot_s"] > 0
   assert [t["target"].split()[0] for t in saved["targets"]] == ["learned", "best"]
   assert all(t["met"] in (True, False) for t in saved["targets"])
-  report = (out / "report.md").read_text()
-  assert "per-layer all-resident reference (`resident` was not run)" in report
-  assert (out / "latency.png").stat().st_size > 0
+  text = (out / "report.md").read_text()
+  assert "per-layer all-resident reference (`resident` was not run)" in text
+  assert "| 8 tok: " in text  # the TTFT column names its prompt
+  assert "time to first token of the 8-token prompt" in report.summary_table(saved)
+  for png in ("latency.png", "timeline.png", "speedup_vs_recall.png", "per_layer_recall.png"):
+    assert (out / png).stat().st_size > 0, png
+
+
+def test_the_copy_timeline_knows_when_each_step_began(subset_run):
+  _, results = subset_run
+  tl = results["timeline"]
+  starts = tl["step_starts_s"]
+  assert len(starts) == FAST.new_tokens and starts[0] == 0.0
+  assert all(a < b for a, b in zip(starts, starts[1:]))
+  assert tl["prompt_len"] == 8
+  for c in tl["copies"]:
+    assert 0 <= c["step"] < FAST.new_tokens
+    assert c["issue_s"] >= starts[c["step"]]  # a step's copies are issued once it has begun
 
 
 def test_targets_without_a_bound_say_dash():
