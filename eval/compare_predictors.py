@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmoe import model as model_lib
+from eval import cli
+from jaxmoe import config as config_lib, model as model_lib
 from jaxmoe.predictor import baselines, data, metrics, models, store
 from jaxmoe.predictor.base import PopularityPredictor
 
@@ -160,19 +161,35 @@ def write_report(result: dict[str, Any], out_dir: str) -> tuple[str, str]:
   return md, js
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, checked before any work (argparse's one-line error, exit status 2)."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output directory (traces/ and predictors/ go here too)")
   p.add_argument("--traces", help="traces directory; without it traces are collected first")
   p.add_argument("--predictors", nargs="*", default=None, help="trained predictor directories")
-  p.add_argument("--run-dir", help="trained model run directory (else --preset, randomly initialised)")
-  p.add_argument("--preset", default="tiny", help="model preset without --run-dir")
-  p.add_argument("--families", nargs="*", default=list(models.FAMILIES), help="families to train")
-  p.add_argument("--steps", type=int, default=1500, help="training steps per family and loss")
-  p.add_argument("--max-tokens", type=int, default=131072, help="tokens to trace")
-  p.add_argument("--seq-len", type=int, default=256)
-  p.add_argument("--lookaheads", default="1,2", help="comma-separated lookaheads for hidden-state methods")
+  p.add_argument("--run-dir", help="trained model run directory, or a main job's output directory (its "
+                                    "model/ inside); else --preset, randomly initialised")
+  p.add_argument("--preset", default="tiny", choices=sorted(config_lib.PRESETS),
+                 help="model preset without --run-dir")
+  p.add_argument("--families", nargs="*", default=list(models.FAMILIES), choices=models.FAMILIES,
+                 help="families to train")
+  p.add_argument("--steps", type=cli.positive_int, default=1500, help="training steps per family and loss")
+  p.add_argument("--max-tokens", type=cli.positive_int, default=131072, help="tokens to trace")
+  p.add_argument("--seq-len", type=cli.positive_int, default=256)
+  p.add_argument("--lookaheads", type=cli.positive_int_list, default=(1, 2),
+                 help="comma-separated lookaheads for hidden-state methods")
   a = p.parse_args(argv)
+  if a.run_dir:
+    a.run_dir = str(cli.model_run_dir(a.run_dir))
+  named = [("--traces", a.traces), ("--run-dir", a.run_dir)] + [("--predictors", d) for d in a.predictors or []]
+  for flag, path in named:
+    if path and not os.path.isdir(path):
+      p.error(f"{flag} {path}: no such directory")
+  return a
+
+
+def main(argv=None) -> int:
+  a = parse_args(argv)
   from train import collect_traces as ct
   from train.train_predictor import train_predictor
   cfg, model = ct.load(a.run_dir, a.preset, 0)
@@ -185,7 +202,7 @@ def main(argv=None) -> int:
     preds = [os.path.join(a.out, "predictors", f) for f in a.families]
     for fam, d in zip(a.families, preds):
       train_predictor(traces, fam, d, steps=a.steps)
-  result = compare(traces, preds, lookaheads=[int(x) for x in a.lookaheads.split(",")], model=model)
+  result = compare(traces, preds, lookaheads=a.lookaheads, model=model)
   md, _ = write_report(result, a.out)
   print(open(md).read())
   return 0

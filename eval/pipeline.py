@@ -26,7 +26,7 @@ from jaxmoe.offload.store import measure_h2d_bandwidth
 from jaxmoe.predictor import data as traces_lib
 from jaxmoe.predictor import store as predictor_store
 from jaxmoe.predictor.training import train_predictor
-from eval import analytic, plots, report
+from eval import analytic, cli, plots, report
 
 STRATEGIES = ("resident", "on_demand", "lru", "stream_all", "next_gate", "oracle", "learned")
 NOISY_RECALLS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -55,8 +55,9 @@ class RunSettings:
     if not 0 < self.cache_fraction <= 1:
       raise ValueError(f"--cache-fraction must lie in (0, 1], got {self.cache_fraction}")
     unknown = sorted(set(self.strategies) - set(strategies_lib.NAMES))
-    if unknown:
-      raise ValueError(f"unknown strategies {unknown}; choose from {strategies_lib.NAMES}")
+    if unknown or not self.strategies:
+      raise ValueError(f"--strategies: unknown strategies {unknown or 'none given'}; choose from "
+                       f"{', '.join(strategies_lib.NAMES)}")
     if self.new_tokens < 2 or not self.prompt_lengths or min(self.prompt_lengths) < 1:
       raise ValueError("need --new-tokens >= 2 and positive --prompt-lengths")
     if self.repeats < 1:
@@ -79,7 +80,8 @@ RUN_PRESETS = {
 
 def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, prompt_lengths=None,
                  new_tokens=None, train_minutes=None, repeats=None, profile=True) -> RunSettings:
-  """The preset's settings with the command line's overrides (None keeps the preset's value)."""
+  """The preset's settings with the command line's overrides (None keeps the preset's value);
+  strategies is comma-separated text, prompt_lengths a sequence of ints."""
   name = preset or ("gpu" if jax.default_backend() == "gpu" else "small")
   s = RUN_PRESETS[name]
   over: dict[str, Any] = {"profile": profile}
@@ -88,7 +90,7 @@ def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, pr
   if strategies:
     over["strategies"] = tuple(x.strip() for x in strategies.split(",") if x.strip())
   if prompt_lengths:
-    over["prompt_lengths"] = tuple(int(x) for x in prompt_lengths.split(","))
+    over["prompt_lengths"] = tuple(prompt_lengths)
   if new_tokens is not None:
     over["new_tokens"] = new_tokens
   if train_minutes is not None:
@@ -98,15 +100,52 @@ def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, pr
   return dataclasses.replace(s, **over)
 
 
+def min_cache_fraction(cfg) -> float:
+  """The smallest cache fraction that holds one token's experts of a layer (top_k of them): less and
+  a layer's FFN could not find its routed experts on the device at once."""
+  return cfg.top_k / (cfg.n_layers * cfg.n_experts)
+
+
+def check_fits(s: RunSettings, cfg) -> None:
+  """Raise ValueError, naming the flag, when the run's sizes do not fit the model `cfg`."""
+  longest = max(s.prompt_lengths)
+  if longest + s.new_tokens > cfg.max_seq_len:
+    raise ValueError(f"--prompt-lengths {longest} plus --new-tokens {s.new_tokens} exceed the model's "
+                     f"max_seq_len {cfg.max_seq_len}")
+  low = min_cache_fraction(cfg)
+  if s.cache_fraction < low:
+    raise ValueError(f"--cache-fraction {s.cache_fraction:g} cannot hold one token's {cfg.top_k} experts of "
+                     f"a layer ({cfg.n_layers} layers x {cfg.n_experts} experts); the smallest valid value "
+                     f"is {math.ceil(low * 1e6) / 1e6:g}")
+
+
+def planned_config(preset: str, model_path: str | None):
+  """The config of the model a run will use, read without loading or training it."""
+  if not model_path:
+    return config_lib.preset(preset)
+  path = cli.model_run_dir(model_path)
+  if not path.exists():
+    raise FileNotFoundError(f"--model {model_path}: no such directory")
+  if _is_hf_dir(path):
+    from jaxmoe import hf
+    return hf.config_from_hf(hf.read_hf_config(path))
+  return checkpoint.load_config(path)
+
+
+def _is_hf_dir(path: Path) -> bool:
+  return (path / "config.json").exists() and "model_type" in json.loads((path / "config.json").read_text())
+
+
 # ------------------------------------------------------------------------------------------ stages
 
 def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | None = None, log=print):
-  """(cfg, model, corpus dir or None, training summary or None)."""
+  """(cfg, model, corpus dir or None, training summary or None). model_path: a model run directory, a
+  main job's output directory (its model/ inside), an Orbax checkpoint or a Hugging Face directory."""
   if model_path:
-    path = Path(model_path)
+    path = cli.model_run_dir(model_path)
     if not path.exists():
       raise FileNotFoundError(f"--model {model_path}: no such directory")
-    if (path / "config.json").exists() and "model_type" in json.loads((path / "config.json").read_text()):
+    if _is_hf_dir(path):
       from jaxmoe import hf
       cfg, model = hf.from_pretrained(path)
       return cfg, model, None, None
@@ -115,7 +154,7 @@ def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | N
     return cfg, model, path if (path / "data").exists() else None, (
         json.loads(summary.read_text()) if summary.exists() else None)
   from train import train_model
-  run_dir = out / "model"
+  run_dir = out / cli.MODEL_SUBDIR
   summary_path = run_dir / "summary.json"
   if summary_path.exists():
     log(f"[model] reusing the trained model in {run_dir}")
@@ -184,6 +223,13 @@ def timed_requests(eng: OffloadEngine, prompt, new_tokens: int, repeats: int) ->
   return sorted(runs, key=lambda run: run[1].tpot_s)
 
 
+def _step_starts(stats) -> list[float]:
+  """When each step of a request began, seconds since its start (the clock of its copy timeline):
+  the prefill at 0, decode step k after the prefill and the k - 1 decode steps before it."""
+  decode = stats.ttft_s + np.cumsum([0.0, *stats.token_latencies_s])[:-1]
+  return [0.0, *map(float, decode)]
+
+
 def _median_stats(runs):
   """The stats of the request with the median per-token time (runs as `timed_requests` orders them)."""
   return runs[(len(runs) - 1) // 2][1]
@@ -219,14 +265,21 @@ def teacher_forced_nll(engine: OffloadEngine, seq: np.ndarray) -> float:
   return float(-np.mean(np.take_along_axis(logp, targets[..., None], -1)))
 
 
-def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, log=print) -> dict[str, Any]:
-  """Every strategy on held-out prompts: timings, bytes, hits, stalls, exactness, perplexity."""
+def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, log=print,
+                     on_progress=lambda part: None) -> dict[str, Any]:
+  """Every strategy on held-out prompts: timings, bytes, hits, stalls, exactness, perplexity.
+
+  `on_progress` gets {"strategies": rows, "noisy_oracle_sweep": points} after each strategy and sweep
+  point, so the caller can save what was measured before a later failure."""
   cfg = model.cfg
+  check_fits(s, cfg)
   store = ExpertStore.from_model(model)
+  # check_fits refused fractions below one token's experts: the max only absorbs float rounding
   cache_bytes = max(int(s.cache_fraction * store.nbytes), cfg.top_k * store.expert_bytes)
   bandwidth = measure_h2d_bandwidth(store)
   val = corpus_tokens(cfg, corpus_dir, "val", max(s.prompt_lengths) + s.new_tokens + 64, seed=2)
-  prompts = {p: val[None, :p].astype(np.int32) for p in s.prompt_lengths}
+  # shortest first: a strategy's row reports the shortest prompt, the one the TTFT bound is for
+  prompts = {p: val[None, :p].astype(np.int32) for p in sorted(set(s.prompt_lengths))}
   ppl_seq = val[None, :min(2 * s.new_tokens, cfg.max_seq_len)].astype(np.int32)
   engines: dict[str, OffloadEngine] = {}
 
@@ -248,6 +301,8 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
     tokens, stats = reference_engine.generate(prompt, s.new_tokens)
     reference[p] = generate_lib.GenerateOutput(tokens, stats.logits)
     routing[p] = stats.routing
+    if p == min(prompts):
+      reference_timing = {"ttft_s": stats.ttft_s, "tpot_s": stats.tpot_s}
   del reference_engine  # its device copy of every expert
   resident = engine("resident")
   rows = []
@@ -261,17 +316,19 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
       per_prompt.append({"prompt_len": p, **_request_row(name, runs, reference[p].tokens, reference[p].logits)})
       if p == min(prompts):
         engines[name] = eng
-        timeline = _median_stats(runs).timeline()
+        median = _median_stats(runs)
+        timeline, step_starts = median.timeline(), _step_starts(median)
       elif eng is not resident:
         eng.close()
     first = per_prompt[0]
     row = {**first, "ttft_s_by_prompt": {r["prompt_len"]: r["ttft_s"] for r in per_prompt},
            "tokens_equal": all(r["tokens_equal"] for r in per_prompt),
            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in per_prompt),
-           "by_prompt": per_prompt, "timeline": timeline}
+           "by_prompt": per_prompt, "timeline": timeline, "step_starts_s": step_starts}
     nll = teacher_forced_nll(engines[name], ppl_seq) if name in ("resident", "on_demand", "learned") else None
     row["perplexity"] = None if nll is None else math.exp(nll)
     rows.append(row)
+    on_progress({"strategies": rows, "noisy_oracle_sweep": []})
 
   p0 = min(prompts)
   sweep = []
@@ -282,6 +339,7 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
       sweep.append({"recall": r, **_request_row("noisy_oracle", runs, reference[p0].tokens,
                                                 reference[p0].logits)})
       eng.close()
+      on_progress({"strategies": rows, "noisy_oracle_sweep": sweep})
   overlap = None
   best = "learned" if "learned" in engines else next((n for n in engines if n != "resident"), None)
   if s.profile and best and jax.default_backend() == "gpu":
@@ -291,6 +349,9 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   return {"strategies": rows, "noisy_oracle_sweep": sweep, "bandwidth_bytes_per_s": bandwidth,
           "cache_bytes": cache_bytes, "store_bytes": store.nbytes, "expert_bytes": store.expert_bytes,
           "overlap": overlap, "profiled_strategy": best,
+          # one request of the per-layer all-resident reference (shortest prompt): the analytic model's
+          # compute time when the `resident` strategy was not run
+          "reference_timing": reference_timing,
           # distinct (layer, expert) pairs the shortest prompt's prefill routes: what a cold cache must copy
           "prefill_needed_experts": sum(len(experts) for experts in routing[p0][0])}
 
@@ -313,9 +374,13 @@ def profile_overlap(eng: OffloadEngine, prompt, new_tokens: int, trace_dir: Path
 
 
 def stage_analytic(res: dict[str, Any], cfg, new_tokens: int) -> None:
-  """Set an analytic prediction beside each strategy's measured TTFT and per-token latency."""
+  """Set an analytic prediction beside each strategy's measured TTFT and per-token latency.
+
+  The compute time is that of the `resident` strategy, or of the per-layer resident reference when
+  `resident` was not run; res["analytic_base"] says which (None: neither was measured, no predictions)."""
   rows = {r["name"]: r for r in res["strategies"]}
-  base = rows.get("resident")
+  base = rows.get("resident") or res.get("reference_timing")
+  res["analytic_base"] = None if base is None else "resident" if "resident" in rows else "reference"
   if base is None:
     return
   bw, eb = res["bandwidth_bytes_per_s"], res["expert_bytes"]
@@ -359,10 +424,13 @@ def targets(rows: dict[str, dict]) -> list[dict[str, Any]]:
 
 
 def _ttft_target(label: str, rows: list[dict]) -> dict[str, Any]:
+  """The target's verdict is None ("-") when the bound could not be computed."""
   best = min(rows, key=lambda r: r["ttft_s"])
+  target = f"{label} time-to-first-token ({best['name']}) within 1.10x of its PCIe bound"
+  if best.get("ttft_bound_s") is None:
+    return {"target": target, "value": "-", "met": None}
   v = best["ttft_s"] / best["ttft_bound_s"]
-  return {"target": f"{label} time-to-first-token ({best['name']}) within 1.10x of its PCIe bound",
-          "value": f"{v:.2f}x", "met": v <= 1.10}
+  return {"target": target, "value": f"{v:.2f}x", "met": v <= 1.10}
 
 
 def break_even(sweep: list[dict], target_tpot: float) -> float | None:
@@ -401,39 +469,53 @@ def run(s: RunSettings, out: Path, model_path: str | None = None, data: str | No
   token_rows = [r for r in comparison["rows"] if r["family"] in ("token_mlp", "context")]
   best_family = max(token_rows, key=lambda r: r["recall_k_avg"])["family"]
   predictor = predictor_store.load_predictor(str(out / "predictors" / best_family))
-  log(f"[strategies] learned = {best_family}; running {', '.join(s.strategies)}")
-  res = stage_strategies(s, model, corpus_dir, predictor, out, log)
-  stage_analytic(res, cfg, s.new_tokens)
-  rows = {r["name"]: r for r in res["strategies"]}
-  if "resident" in rows:  # the decode step the predictors' cost is compared with
-    comparison["meta"]["us_decode_step_model"] = rows["resident"]["tpot_s"] * 1e6
+  # results.json is rewritten after every strategy ("complete": false until the end), so what was
+  # measured survives a failure in a later strategy or stage
   results = {
       "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "commit": git_commit(), "backend": jax.default_backend(),
                "device": jax.devices()[0].device_kind, "platform": platform.platform(),
-               "jax": jax.__version__, "settings": dataclasses.asdict(s), "wall_s": None},
+               "jax": jax.__version__, "settings": dataclasses.asdict(s), "wall_s": None, "complete": False},
       "model": {"config": cfg.to_dict(), "training": train_summary},
-      "predictors": comparison["rows"], "predictor_meta": comparison["meta"],
-      "learned_family": best_family, **res,
-      "break_even_recall": {b: break_even(res["noisy_oracle_sweep"], rows[b]["tpot_s"])
-                            for b in ("on_demand", "lru") if b in rows},
+      "predictors": comparison["rows"], "predictor_meta": comparison["meta"], "learned_family": best_family,
   }
-  results["targets"] = targets(rows)
-  results["timeline"] = _timeline_for_plot(rows)
-  results["meta"]["wall_s"] = time.perf_counter() - t0
-  (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+
+  def save(part: dict[str, Any]) -> None:
+    results.update(part)
+    results["meta"]["wall_s"] = time.perf_counter() - t0
+    _write_results(out, results)
+
+  log(f"[strategies] learned = {best_family}; running {', '.join(s.strategies)}")
+  res = stage_strategies(s, model, corpus_dir, predictor, out, log, on_progress=save)
+  save(res)
+  stage_analytic(res, cfg, s.new_tokens)
+  rows = {r["name"]: r for r in res["strategies"]}
+  if "resident" in rows:  # the decode step the predictors' cost is compared with
+    comparison["meta"]["us_decode_step_model"] = rows["resident"]["tpot_s"] * 1e6
+  results["meta"]["complete"] = True
+  save({**res, "break_even_recall": {b: break_even(res["noisy_oracle_sweep"], rows[b]["tpot_s"])
+                                     for b in ("on_demand", "lru") if b in rows},
+        "targets": targets(rows), "timeline": _timeline_for_plot(rows)})
   pngs = plots.write_all(results, out)
   (out / "report.md").write_text(report.markdown(results, [p.name for p in pngs]))
   return results
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+  """results.json, replaced whole (a reader never sees half a file)."""
+  tmp = out / "results.json.tmp"
+  tmp.write_text(json.dumps(results, indent=2, default=_json_default))
+  tmp.replace(out / "results.json")
 
 
 def _timeline_for_plot(rows: dict[str, dict]) -> dict[str, Any] | None:
   name = "learned" if "learned" in rows else next((n for n in rows if rows[n].get("timeline")), None)
   if name is None:
     return None
-  copies = [{"layer": c["layer"], "issue_s": c["issue_s"], "ready_s": c["ready_s"],
+  copies = [{"layer": c["layer"], "step": c["step"], "issue_s": c["issue_s"], "ready_s": c["ready_s"],
              "prefetched": c["reason"] != "demand"} for c in rows[name]["timeline"] if c["ready_s"] is not None]
-  return {"strategy": name, "copies": copies}
+  return {"strategy": name, "copies": copies, "step_starts_s": rows[name].get("step_starts_s", []),
+          "prompt_len": rows[name].get("prompt_len")}
 
 
 def _json_default(x):

@@ -3,12 +3,19 @@ strategy) and of the predictors' learning curve over trace volume."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from eval import report  # noqa: E402
+
+CURVE = "tab:blue"  # the noisy-oracle curve; the strategies' stars take the other colours
+STARS = ("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
 
 def _save(fig, path: Path) -> Path:
@@ -35,15 +42,17 @@ def speedup_vs_recall(results: dict, path: Path) -> Path | None:
   if not sweep or not base:
     return None
   fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot([p["hit_rate"] for p in sweep], [base["tpot_s"] / p["tpot_s"] for p in sweep], "o-",
+  ax.plot([p["hit_rate"] for p in sweep], [base["tpot_s"] / p["tpot_s"] for p in sweep], "o-", color=CURVE,
           label="noisy oracle")
   for p in sweep:
     ax.annotate(f"r={p['recall']:.1f}", (p["hit_rate"], base["tpot_s"] / p["tpot_s"]), fontsize=7,
                 textcoords="offset points", xytext=(4, -10))
-  for name, s in strategies.items():
-    if name not in ("resident", "on_demand"):
-      ax.scatter([s["hit_rate"]], [base["tpot_s"] / s["tpot_s"]], marker="*", s=120, label=name, zorder=3)
+  stars = [(name, s) for name, s in strategies.items() if name not in ("resident", "on_demand")]
+  for (name, s), color in zip(stars, itertools.cycle(STARS)):
+    ax.scatter([s["hit_rate"]], [base["tpot_s"] / s["tpot_s"]], marker="*", s=140, color=color,
+               edgecolors="black", linewidths=0.5, label=name, zorder=3)
   ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+  ax.margins(x=0.08)  # room for the recall labels beside the points at hit rate 1
   ax.set_xlabel("hit rate: routed experts already on the device")
   ax.set_ylabel("per-token speedup over on_demand")
   ax.set_title("Accuracy -> speedup")
@@ -60,24 +69,32 @@ def per_layer_recall(results: dict, path: Path) -> Path | None:
   for p in rows:
     layers = [(i, r) for i, r in enumerate(p["recall_k"]) if r is not None]  # None: no prediction there
     ax.plot([i for i, _ in layers], [r for _, r in layers], "o-", label=p["name"])
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
   _recall_axes(ax, "layer", "recall@k", "Per-layer recall of the routing predictors")
   return _save(fig, path)
 
 
 def timeline(results: dict, path: Path) -> Path | None:
-  """Every expert copy of one request (issue -> ready, host clock), one row per layer."""
+  """Every expert copy of one request (issue -> ready, host clock since the request began), one row per
+  layer, with a dotted line where each decode step began."""
   tl = results.get("timeline")
   if not tl or not tl.get("copies"):
     return None
   fig, ax = plt.subplots(figsize=(9, 4))
-  t0 = min(c["issue_s"] for c in tl["copies"])
   for c in tl["copies"]:
     color = "tab:green" if c["prefetched"] else "tab:red"
-    ax.plot([(c["issue_s"] - t0) * 1e3, (c["ready_s"] - t0) * 1e3], [c["layer"]] * 2, color=color, lw=3,
+    ax.plot([c["issue_s"] * 1e3, c["ready_s"] * 1e3], [c["layer"]] * 2, color=color, lw=3,
             solid_capstyle="butt")
-  ax.set_xlabel("ms since the first copy was issued (host clock)")
+  starts = tl.get("step_starts_s", [])[1:]  # the prefill starts at 0
+  for step, t in enumerate(starts, start=1):
+    ax.axvline(t * 1e3, color="grey", lw=0.7, ls=":")
+    ax.annotate(str(step), (t * 1e3, 1.0), xycoords=("data", "axes fraction"), fontsize=6, color="grey",
+                xytext=(2, -8), textcoords="offset points")
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_xlabel("ms since the request began (host clock); dotted: decode step k begins")
   ax.set_ylabel("layer")
-  ax.set_title(f"{tl.get('strategy', '')}: prefetched copies (green), on-demand copies (red)")
+  prompt = f", {tl['prompt_len']}-token prompt" if tl.get("prompt_len") else ""
+  ax.set_title(f"{tl.get('strategy', '')}{prompt}: prefetched copies (green), on-demand copies (red)")
   return _save(fig, path)
 
 
@@ -90,9 +107,12 @@ def latency_per_strategy(results: dict, path: Path) -> Path | None:
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
   a1.bar(names, [s["ttft_s"] * 1e3 for s in rows], color="tab:blue")
   a1.set_ylabel("time to first token (ms)")
+  a1.set_title(f"Time to first token: {report.ttft_prompt(results)}")
   a2.bar(names, [s["tpot_s"] * 1e3 for s in rows], color="tab:orange")
   a2.set_ylabel("per-token latency (ms)")
+  a2.set_title("Per-token latency (decode steps)")
   for ax in (a1, a2):
+    ax.set_xlabel("strategy (cold cache at the request's start)")
     ax.tick_params(axis="x", rotation=45, labelsize=8)
   return _save(fig, path)
 

@@ -17,18 +17,37 @@ def _pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def ttft_prompt(results: dict) -> str:
+  """Which prompt a strategy row's TTFT is for: the shortest one the run timed."""
+  lengths = [r["prompt_len"] for r in results.get("strategies", []) if "prompt_len" in r]
+  return f"{min(lengths)}-token prompt" if lengths else "prompt length not recorded"
+
+
 def _repeats(results: dict) -> int:
   return max((r.get("repeats", 1) for r in results.get("strategies", [])), default=1)
+
+
+def _verdict(met: bool | None) -> str:
+  return "-" if met is None else "met" if met else "MISSED"
+
+
+def _analytic_base(results: dict) -> str:
+  """Whose compute time the analytic model used (pipeline.stage_analytic)."""
+  base = results.get("analytic_base", "resident")
+  if base == "reference":
+    return ("compute from one request of the per-layer all-resident reference (`resident` was not "
+            "run)")
+  return "compute from `resident`" if base else "not computed (no resident time was measured)"
 
 
 def strategy_table(results: dict[str, Any]) -> str:
   rows = results["strategies"]
   by = {r["name"]: r for r in rows}
-  lines = ["| strategy | exact | TTFT ms (by prompt) | per-token ms | predicted ms | e2e ms | tok/s | MiB copied "
+  lines = ["| strategy | exact | TTFT ms (prompt tokens: ms) | per-token ms | predicted ms | e2e ms | tok/s | MiB copied "
            "(useful / wasted) | hit rate | stall ms | vs on_demand | vs lru | vs resident |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    ttfts = " / ".join(f"{p}: {_ms(t)}" for p, t in r["ttft_s_by_prompt"].items())
+    ttfts = " / ".join(f"{p} tok: {_ms(t)}" for p, t in r["ttft_s_by_prompt"].items())
     speed = lambda base: f"{by[base]['tpot_s'] / r['tpot_s']:.2f}x" if base in by and r["tpot_s"] else "-"
     lines.append(
         f"| {r['name']} | {'yes' if r['tokens_equal'] else 'NO'} | {ttfts} | {_ms(r['tpot_s'])} | "
@@ -49,7 +68,8 @@ def predictor_table(results: dict[str, Any]) -> str:
 
 def summary_table(results: dict[str, Any]) -> str:
   """A short fixed-width table for the terminal."""
-  lines = [f"{'strategy':<14}{'exact':>6}{'TTFT ms':>10}{'tok ms':>9}{'tok/s':>9}{'MiB':>9}{'hit':>7}"]
+  lines = [f"TTFT: time to first token of the {ttft_prompt(results)}; tok ms: per decode step after it",
+           f"{'strategy':<14}{'exact':>6}{'TTFT ms':>10}{'tok ms':>9}{'tok/s':>9}{'MiB':>9}{'hit':>7}"]
   for r in results["strategies"]:
     lines.append(f"{r['name']:<14}{'yes' if r['tokens_equal'] else 'NO':>6}{r['ttft_s'] * 1e3:>10.2f}"
                  f"{r['tpot_s'] * 1e3:>9.2f}{r['tokens_per_s']:>9.1f}{r['bytes_copied'] / 2**20:>9.1f}"
@@ -95,7 +115,8 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
           "`exact`: the generated tokens equal those of the all-resident model run layer by layer "
           f"(largest logit difference: offloaded strategies {offloaded_diff:.2e}, `resident` as one "
           f"program per step {resident_diff:.2e}). `predicted`: the analytic model of `eval/analytic.py`, "
-          "max(compute, prefetched bytes / bandwidth) + on-demand bytes / bandwidth per token. "
+          "max(compute, prefetched bytes / bandwidth) + on-demand bytes / bandwidth per token, "
+          f"{_analytic_base(results)}. "
           "`stall`: the request's total time that layers' FFNs waited for their expert copies, from "
           "the dispatch until the last copy landed. "
           f"Times are medians over {_repeats(results)} timed requests per strategy and prompt, each from "
@@ -110,7 +131,7 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
   if results.get("targets"):
     out += ["Targets (they are set for the GPU; on a CPU they only show the engine runs):", "",
             "| target | measured | verdict |", "|---|---|---|"]
-    out += [f"| {t['target']} | {t['value']} | {'met' if t['met'] else 'MISSED'} |" for t in results["targets"]]
+    out += [f"| {t['target']} | {t['value']} | {_verdict(t['met'])} |" for t in results["targets"]]
     out += ["", "A missed target's cause is in the gaps below: where the measurement departs from the "
             "analytic model, that is where the time went.", ""]
   gaps = [f"- `{r['name']}`: {r['model_gap']}" for r in results["strategies"] if r.get("model_gap")]

@@ -13,42 +13,54 @@ import argparse
 import sys
 from pathlib import Path
 
-from eval import pipeline, report
+from eval import cli, pipeline, report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, checked against the model's config before any work (argparse's one-line error
+  and exit status 2 for a bad value); `settings` holds the run's pipeline.RunSettings."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default=None, choices=sorted(pipeline.RUN_PRESETS),
                  help="model and run sizes (default: gpu on a GPU, small otherwise)")
   p.add_argument("--model", default=None,
-                 help="use this model instead of training one: a run directory of train.train_model, an "
-                      "Orbax checkpoint directory, or a Hugging Face checkpoint directory")
+                 help="use this model instead of training one: a run directory of train.train_model (or "
+                      "an earlier main job's output directory, its model/ inside), an Orbax checkpoint "
+                      "directory, or a Hugging Face checkpoint directory")
   p.add_argument("--data", default=None,
                  help="training text for the model: a directory or file (.txt .md .rst .py .jsonl) or a saved "
                       "datasets directory (default: this Python's standard library source)")
-  p.add_argument("--cache-fraction", type=float, default=None,
+  p.add_argument("--cache-fraction", type=cli.fraction, default=None,
                  help="device expert cache as a fraction of all experts' bytes (default 0.25)")
   p.add_argument("--strategies", default=None,
                  help=f"comma-separated offload strategies (default: all of {','.join(pipeline.STRATEGIES)})")
-  p.add_argument("--prompt-lengths", default=None,
+  p.add_argument("--prompt-lengths", type=cli.positive_int_list, default=None,
                  help="comma-separated prompt lengths in tokens for the time-to-first-token runs")
-  p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request")
-  p.add_argument("--repeats", type=int, default=None,
+  p.add_argument("--new-tokens", type=cli.int_at_least(2), default=None, help="tokens generated per request")
+  p.add_argument("--repeats", type=cli.positive_int, default=None,
                  help="timed requests per strategy and prompt, medians reported (default: 3; tiny preset 1)")
-  p.add_argument("--train-minutes", type=float, default=None,
+  p.add_argument("--train-minutes", type=cli.positive_float, default=None,
                  help="wall-clock budget for training the model (default: the preset's)")
   p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
   p.add_argument("--no-trace", action="store_true", help="skip the profiler trace (copy/compute overlap)")
-  return p.parse_args(argv)
+  a = p.parse_args(argv)
+  try:
+    a.settings = pipeline.settings_for(a.preset, cache_fraction=a.cache_fraction, strategies=a.strategies,
+                                       prompt_lengths=a.prompt_lengths, new_tokens=a.new_tokens,
+                                       train_minutes=a.train_minutes, repeats=a.repeats,
+                                       profile=not a.no_trace)
+    if a.data and not a.model:  # read once now: a bad corpus is refused before training, not after
+      from train import data as data_lib
+      data_lib.load_documents(a.data)
+    pipeline.check_fits(a.settings, pipeline.planned_config(a.settings.preset, a.model))
+  except (OSError, ValueError, ImportError) as e:
+    p.error(str(e))
+  return a
 
 
 def main(argv=None) -> int:
   a = parse_args(argv)
-  settings = pipeline.settings_for(a.preset, cache_fraction=a.cache_fraction, strategies=a.strategies,
-                                   prompt_lengths=a.prompt_lengths, new_tokens=a.new_tokens,
-                                   train_minutes=a.train_minutes, repeats=a.repeats, profile=not a.no_trace)
-  out = Path(a.out or f"runs/{settings.preset}")
-  results = pipeline.run(settings, out, model_path=a.model, data=a.data)
+  out = Path(a.out or f"runs/{a.settings.preset}")
+  results = pipeline.run(a.settings, out, model_path=a.model, data=a.data)
   print(report.summary_table(results))
   print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and plots")
   return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from eval import pipeline, plots
+from eval import cli, pipeline, plots
 from jaxmoe.predictor import data as traces_lib
 from jaxmoe.predictor.training import train_predictor
 
@@ -33,30 +33,42 @@ TOKEN_FAMILIES = ("context", "token_mlp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, checked before any work (argparse's one-line error, exit status 2)."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default=None, choices=sorted(pipeline.RUN_PRESETS),
                  help="model size when one is trained, and the traced sequence length "
                       "(default: gpu on a GPU, small otherwise)")
   p.add_argument("--model", default=None,
-                 help="a run directory of train.train_model (its tokenized corpus is traced); default: the "
-                      "model in OUT/model, trained there first as the main job does if missing")
+                 help="a run directory of train.train_model or a main job's output directory (its tokenized "
+                      "corpus is traced); default: the model in OUT/model, trained there first as the main "
+                      "job does if missing")
   p.add_argument("--data", default=None, help="training text when a model is trained (as in eval.run)")
-  p.add_argument("--train-minutes", type=float, default=None,
+  p.add_argument("--train-minutes", type=cli.positive_float, default=None,
                  help="wall-clock budget when a model is trained (default: the preset's)")
-  p.add_argument("--train-tokens", default="131072,524288,all",
+  p.add_argument("--train-tokens", type=_sizes, default="131072,524288,all",
                  help="comma-separated training-set sizes in tokens; 'all' is the whole training split")
   p.add_argument("--families", default=",".join(TOKEN_FAMILIES),
                  help=f"comma-separated token-driven families, of {','.join(TOKEN_FAMILIES)}")
-  p.add_argument("--steps", type=int, default=3000, help="optimizer steps per run (BCE, early stopping)")
-  p.add_argument("--max-tokens", type=int, default=None,
+  p.add_argument("--steps", type=cli.positive_int, default=3000,
+                 help="optimizer steps per run (BCE, early stopping)")
+  p.add_argument("--max-tokens", type=cli.positive_int, default=None,
                  help="trace at most this many tokens of the training split (default: all of it)")
   p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
   p.add_argument("--no-progress", action="store_true",
                  help="no progress bars for tracing and predictor training")
-  return p.parse_args(argv)
+  a = p.parse_args(argv)
+  a.families = [f.strip() for f in a.families.split(",") if f.strip()]
+  bad = [f for f in a.families if f not in TOKEN_FAMILIES]
+  if bad or not a.families:
+    p.error(f"--families: {bad or 'none given'}; this curve covers the token-driven families "
+            f"{', '.join(TOKEN_FAMILIES)} (cross_layer needs hidden states of every traced token)")
+  if a.model and not Path(a.model).is_dir():
+    p.error(f"--model {a.model}: no such directory")
+  return a
 
 
 def _sizes(text: str) -> list[int | None]:
+  """An argparse type: comma-separated positive token counts or 'all' (None)."""
   sizes = []
   for part in text.split(","):
     part = part.strip()
@@ -65,20 +77,13 @@ def _sizes(text: str) -> list[int | None]:
     elif part.isdigit() and int(part) > 0:
       sizes.append(int(part))
     else:
-      raise ValueError(f"--train-tokens: {part!r} is neither a positive token count nor 'all'")
+      raise argparse.ArgumentTypeError(f"{part!r} is neither a positive token count nor 'all'")
   return sizes
 
 
 def main(argv=None) -> int:
   a = parse_args(argv)
-  sizes = _sizes(a.train_tokens)
-  families = [f.strip() for f in a.families.split(",") if f.strip()]
-  bad = [f for f in families if f not in TOKEN_FAMILIES]
-  if bad or not families:
-    raise ValueError(f"--families: {bad or 'none given'}; this curve covers the token-driven families "
-                     f"{', '.join(TOKEN_FAMILIES)} (cross_layer needs hidden states of every traced token)")
-  if a.steps < 1 or (a.max_tokens is not None and a.max_tokens < 1):
-    raise ValueError("--steps and --max-tokens must be positive")
+  sizes, families = a.train_tokens, a.families
   settings = pipeline.settings_for(a.preset, train_minutes=a.train_minutes)
   out = Path(a.out or f"runs/{settings.preset}")
   work = out / "trace_volume"
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
   if not split or not split.exists():
     raise FileNotFoundError("the learning curve needs the model's tokenized training corpus "
                             "(data/train_tokens.npy of a train.train_model run directory); "
-                            f"{a.model or out / 'model'} has none")
+                            f"{a.model or out / cli.MODEL_SUBDIR} has none")
   tokens = np.load(split).reshape(-1)[: a.max_tokens]
   seq = min(settings.trace_seq_len, cfg.max_seq_len)
   rows, docs = traces_lib.token_rows(tokens, seq)

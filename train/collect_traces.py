@@ -1,7 +1,7 @@
 """Collect routing traces: run an MoE model over a token corpus and save, per token and layer, the routed
 experts, router probabilities and hidden states (the data the routing predictors learn from).
 
-  python -m train.collect_traces --run-dir runs/small --out runs/small/traces
+  python -m train.collect_traces --run-dir runs/small --out runs/small/traces_val --split val
   python -m train.collect_traces --preset tiny --out /tmp/traces          # random model and tokens
 """
 
@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from eval import cli
 from jaxmoe import config as config_lib, model as model_lib
 from jaxmoe.predictor.data import batches, collect_traces, token_rows
 
@@ -47,24 +48,49 @@ def load(run_dir: str | None, preset: str, seed: int):
   return cfg, model_lib.create(cfg, seed)
 
 
-def main(argv=None) -> int:
+def _hidden_layers(text: str) -> str | list[int]:
+  """An argparse type: 'all', 'none' or comma-separated layer ids."""
+  if text in ("all", "none"):
+    return text
+  layer = cli.int_at_least(0)
+  return [layer(i) for i in text.split(",")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, checked before the model is loaded (argparse's one-line error, exit status 2)."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="traces directory to write")
-  p.add_argument("--run-dir", help="trained model run directory (its checkpoint and tokenized corpus)")
-  p.add_argument("--preset", default="tiny", help="without --run-dir: a randomly initialised preset")
+  p.add_argument("--run-dir", help="trained model run directory (its checkpoint and tokenized corpus), or "
+                                    "a main job's output directory (its model/ inside)")
+  p.add_argument("--preset", default="tiny", choices=sorted(config_lib.PRESETS),
+                 help="without --run-dir: a randomly initialised preset")
   p.add_argument("--tokens", help="a .npy file of [N] token ids (default: the run's corpus, else random)")
   p.add_argument("--split", default="train", choices=["train", "val"], help="which corpus stream")
-  p.add_argument("--seq-len", type=int, default=256, help="tokens per traced sequence")
-  p.add_argument("--max-tokens", type=int, default=131072, help="trace at most this many tokens")
-  p.add_argument("--batch-rows", type=int, default=8, help="sequences per forward pass")
-  p.add_argument("--hidden-layers", default="all", help="'all', 'none' or comma-separated layer ids")
+  p.add_argument("--seq-len", type=cli.positive_int, default=256, help="tokens per traced sequence")
+  p.add_argument("--max-tokens", type=cli.positive_int, default=131072, help="trace at most this many tokens")
+  p.add_argument("--batch-rows", type=cli.positive_int, default=8, help="sequences per forward pass")
+  p.add_argument("--hidden-layers", type=_hidden_layers, default="all",
+                 help="'all', 'none' or comma-separated layer ids")
   p.add_argument("--seed", type=int, default=0, help="random model / random tokens")
   a = p.parse_args(argv)
+  if a.run_dir:
+    a.run_dir = str(cli.model_run_dir(a.run_dir))
+  if a.run_dir and not os.path.isdir(a.run_dir):
+    p.error(f"--run-dir {a.run_dir}: no such directory")
+  if a.tokens and not os.path.isfile(a.tokens):
+    p.error(f"--tokens {a.tokens}: no such file")
+  if a.max_tokens < a.seq_len:
+    p.error(f"--max-tokens {a.max_tokens} is less than one sequence of --seq-len {a.seq_len}")
+  return a
+
+
+def main(argv=None) -> int:
+  a = parse_args(argv)
   cfg, model = load(a.run_dir, a.preset, a.seed)
   tokens, docs, source = corpus(a.run_dir, a.tokens, a.split, cfg.vocab_size, a.max_tokens, a.seed)
-  rows, row_docs = token_rows(tokens, min(a.seq_len, cfg.max_seq_len), max_rows=a.max_tokens // a.seq_len,
-                              doc_ids=docs)
-  hidden = a.hidden_layers if a.hidden_layers in ("all", "none") else [int(i) for i in a.hidden_layers.split(",")]
+  seq_len = min(a.seq_len, cfg.max_seq_len)
+  rows, row_docs = token_rows(tokens, seq_len, max_rows=a.max_tokens // seq_len, doc_ids=docs)
+  hidden = a.hidden_layers
   manifest = collect_traces(model, batches(rows, row_docs, a.batch_rows), a.out, hidden_layers=hidden,
                             source={"corpus": source, "model": a.run_dir or f"preset:{a.preset}"},
                             total=-(-len(rows) // a.batch_rows))

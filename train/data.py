@@ -21,6 +21,7 @@ import numpy as np
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
 EOS = "<|endoftext|>"
 STDLIB = "stdlib"
+_CONTROL = [chr(i) for i in range(32) if chr(i) not in "\t\n\r\f\v"] + ["\x7f"]
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", ".git", ".hg", ".svn"}
 
 
@@ -78,8 +79,17 @@ def _read_dir(root: Path, suffixes: tuple[str, ...]) -> list[Document]:
   return docs
 
 
+def control_share(text: str) -> float:
+  """The share of a text's characters that are control characters other than whitespace: about 11 % in
+  random bytes, none in prose or code (the Python standard library's source has at most 0.1 %)."""
+  return sum(map(text.count, _CONTROL)) / len(text) if text else 0.0
+
+
 def _read_file(path: Path, name: str) -> list[Document]:
   text = path.read_text(encoding="utf-8", errors="replace")
+  share = control_share(text)
+  if share > 0.01:
+    raise ValueError(f"--data {path}: not text ({share:.0%} control characters); give UTF-8 text files")
   if path.suffix != ".jsonl":
     return [Document(name, text)]
   docs = []

@@ -1,11 +1,14 @@
 """The main job end to end on the tiny preset: every strategy runs, is exact, and the files are written."""
 
+import dataclasses
 import json
 import threading
 
+import numpy as np
 import pytest
 
 from eval import run
+from jaxmoe import checkpoint, config
 
 
 @pytest.mark.slow
@@ -45,12 +48,56 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
   assert "medians over 3 timed requests" in (out / "report.md").read_text()
 
 
-def test_bad_arguments_are_refused(tmp_path):
-  with pytest.raises(ValueError, match="cache-fraction"):
-    run.main(["--preset", "tiny", "--cache-fraction", "1.5", "--out", str(tmp_path)])
-  with pytest.raises(ValueError, match="unknown strategies"):
-    run.main(["--preset", "tiny", "--strategies", "magic", "--out", str(tmp_path)])
-  with pytest.raises(ValueError, match="repeats"):
-    run.main(["--preset", "tiny", "--repeats", "0", "--out", str(tmp_path)])
-  with pytest.raises(FileNotFoundError, match="no such directory"):
-    run.main(["--preset", "tiny", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+@pytest.mark.parametrize("args, flag", [
+    (["--prompt-lengths", "abc"], "--prompt-lengths"),
+    (["--prompt-lengths", "8,0"], "--prompt-lengths"),
+    (["--new-tokens", "-3"], "--new-tokens"),
+    (["--cache-fraction", "1.5"], "--cache-fraction"),
+    (["--strategies", "magic"], "--strategies"),
+    (["--repeats", "0"], "--repeats"),
+    (["--train-minutes", "0"], "--train-minutes"),
+    (["--prompt-lengths", "250"], "--prompt-lengths 250 plus --new-tokens 8 exceed the model's max_seq_len"),
+    # tiny: 2 layers x 8 experts, top-2: one token's experts of a layer are 2 / 16 of all experts
+    (["--cache-fraction", "0.1"], "the smallest valid value is 0.125"),
+])
+def test_bad_arguments_are_refused_with_the_flag_named(args, flag, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    run.parse_args(["--preset", "tiny", "--out", str(tmp_path), *args])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "error:" in err and flag in err
+  assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_the_smallest_valid_cache_fraction_is_accepted(tmp_path):
+  assert run.parse_args(["--preset", "tiny", "--cache-fraction", "0.125"]).settings.cache_fraction == 0.125
+
+
+def test_a_prompt_longer_than_a_given_models_context_is_refused_before_loading(tmp_path, capsys):
+  model = tmp_path / "model"
+  checkpoint.save_config(dataclasses.replace(config.tiny(), max_seq_len=64), model)  # a config, no weights
+  with pytest.raises(SystemExit):
+    run.parse_args(["--model", str(model), "--prompt-lengths", "60", "--new-tokens", "8"])
+  assert "exceed the model's max_seq_len 64" in capsys.readouterr().err
+  assert run.parse_args(["--model", str(model), "--prompt-lengths", "56", "--new-tokens", "8"]).model
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("random.txt", np.random.default_rng(0).bytes(4096), "not text"),
+    ("weights.bin", b"\0" * 16, "unsupported file type"),
+    ("missing.txt", None, "no such file or directory"),
+])
+def test_data_that_is_not_text_is_refused_before_training(name, content, message, tmp_path, capsys):
+  if content is not None:
+    (tmp_path / name).write_bytes(content)
+  with pytest.raises(SystemExit) as e:
+    run.parse_args(["--preset", "tiny", "--data", str(tmp_path / name), "--out", str(tmp_path / "out")])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "--data" in err and message in err
+
+
+def test_a_missing_model_is_refused(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    run.parse_args(["--preset", "tiny", "--model", str(tmp_path / "missing")])
+  assert "--model" in capsys.readouterr().err

@@ -28,11 +28,15 @@ def test_learning_curve_tiny(tmp_path, corpus):
   assert "| token_mlp | 256 |" in (out / "trace_volume" / "trace_volume.md").read_text()
 
 
-def test_bad_arguments_are_refused(tmp_path):
-  with pytest.raises(ValueError, match="train-tokens"):
-    trace_volume.main(["--preset", "tiny", "--train-tokens", "100,lots", "--out", str(tmp_path)])
-  with pytest.raises(ValueError, match="cross_layer"):
-    trace_volume.main(["--preset", "tiny", "--families", "cross_layer", "--out", str(tmp_path)])
-  with pytest.raises(FileNotFoundError, match="no such directory"):
-    trace_volume.main(["--preset", "tiny", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+@pytest.mark.parametrize("args, flag", [
+    (["--train-tokens", "100,lots"], "--train-tokens"),
+    (["--families", "cross_layer"], "cross_layer"),
+    (["--steps", "0"], "--steps"),
+    (["--model", "missing"], "--model"),
+])
+def test_bad_arguments_are_refused(args, flag, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    trace_volume.main(["--preset", "tiny", "--out", str(tmp_path), *args])
+  assert e.value.code == 2
+  assert flag in capsys.readouterr().err.strip().splitlines()[-1]
   assert not any(tmp_path.iterdir())  # refused before anything was written

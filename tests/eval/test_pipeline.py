@@ -1,0 +1,76 @@
+"""The main job's stages on the tiny preset at the smallest sizes: any subset of strategies runs to a
+report, and what was measured is on disk even when a later stage fails."""
+
+import dataclasses
+import json
+
+import pytest
+
+from eval import pipeline, report
+
+FAST = dataclasses.replace(pipeline.RUN_PRESETS["tiny"], train_minutes=0.05, trace_tokens=512, trace_seq_len=32,
+                           predictor_steps=4, prompt_lengths=(8,), new_tokens=3, noisy_recalls=(1.0,),
+                           strategies=("on_demand", "lru", "learned"), profile=False)
+
+
+@pytest.fixture(scope="module")
+def subset_run(tmp_path_factory, corpus):
+  out = tmp_path_factory.mktemp("subset")
+  results = pipeline.run(FAST, out, data=str(corpus), log=lambda msg: None)
+  return out, results
+
+
+def test_a_subset_without_resident_runs_to_a_report(subset_run):
+  out, results = subset_run
+  saved = json.loads((out / "results.json").read_text())
+  assert [r["name"] for r in saved["strategies"]] == ["on_demand", "lru", "learned"]
+  assert saved["meta"]["complete"] is True
+  # without `resident` the analytic model takes the per-layer reference's compute time
+  assert saved["analytic_base"] == "reference"
+  for r in saved["strategies"]:
+    assert r["tokens_equal"], r["name"]
+    assert r["ttft_bound_s"] > saved["reference_timing"]["ttft_s"] > 0
+    assert r["predicted_tpot_s"] > 0
+  assert [t["target"].split()[0] for t in saved["targets"]] == ["learned", "best"]
+  assert all(t["met"] in (True, False) for t in saved["targets"])
+  text = (out / "report.md").read_text()
+  assert "per-layer all-resident reference (`resident` was not run)" in text
+  assert "| 8 tok: " in text  # the TTFT column names its prompt
+  assert "time to first token of the 8-token prompt" in report.summary_table(saved)
+  for png in ("latency.png", "timeline.png", "speedup_vs_recall.png", "per_layer_recall.png"):
+    assert (out / png).stat().st_size > 0, png
+
+
+def test_the_copy_timeline_knows_when_each_step_began(subset_run):
+  _, results = subset_run
+  tl = results["timeline"]
+  starts = tl["step_starts_s"]
+  assert len(starts) == FAST.new_tokens and starts[0] == 0.0
+  assert all(a < b for a, b in zip(starts, starts[1:]))
+  assert tl["prompt_len"] == 8
+  for c in tl["copies"]:
+    assert 0 <= c["step"] < FAST.new_tokens
+    assert c["issue_s"] >= starts[c["step"]]  # a step's copies are issued once it has begun
+
+
+def test_targets_without_a_bound_say_dash():
+  rows = {"lru": {"name": "lru", "ttft_s": 0.01, "tpot_s": 0.002}}
+  assert pipeline.targets(rows) == [{"target": "best time-to-first-token (lru) within 1.10x of its PCIe bound",
+                                     "value": "-", "met": None}]
+
+
+def test_a_failure_after_the_strategies_keeps_the_measured_rows(subset_run, tmp_path, monkeypatch):
+  model_dir, _ = subset_run
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("injected after the strategies stage")
+
+  monkeypatch.setattr(pipeline, "stage_analytic", fail)
+  s = dataclasses.replace(FAST, strategies=("on_demand", "lru"))
+  with pytest.raises(RuntimeError, match="injected"):
+    pipeline.run(s, tmp_path, model_path=str(model_dir / "model"), log=lambda msg: None)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["meta"]["complete"] is False
+  assert [r["name"] for r in saved["strategies"]] == ["on_demand", "lru"]
+  assert all(r["tpot_s"] > 0 and r["tokens_equal"] for r in saved["strategies"])
+  assert len(saved["noisy_oracle_sweep"]) == 0  # no oracle or learned strategy: no sweep
