@@ -54,3 +54,14 @@ def explain_gap(measured_s: float, predicted_s: float, n_copies: float, n_layers
             f"{n_copies:.0f} separate copies (small copies also run below peak bandwidth)")
   return (f"measured {measured_s / predicted_s:.2f}x the model: copies overlapped more than the model "
           f"credits (on-demand copies of one layer overlap the previous layer's tail)")
+
+
+def prefetch_gain_bound(compute_s: float, transfer_s: float) -> float:
+  """The most any prefetch can speed a step up over loading every expert on demand, when the bytes moved
+  stay the same: (C + T) / max(C, T) for compute C and transfer time T (the step's bytes over the link
+  bandwidth). On demand the step takes C + T; a prefetch only hides the copies behind the compute, it
+  removes none (bytes that a cache spares are a different gain), so the step takes at least max(C, T).
+  The bound is 2 when C = T and falls to 1 as either side dominates."""
+  if compute_s < 0 or transfer_s < 0 or compute_s + transfer_s == 0:
+    raise ValueError(f"need non-negative times, not both zero; got compute {compute_s}, transfer {transfer_s}")
+  return (compute_s + transfer_s) / max(compute_s, transfer_s)
