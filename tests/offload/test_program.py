@@ -12,7 +12,7 @@ from jaxmoe.offload import ExpertStore, device_cache, strategies
 from jaxmoe.offload.hostview import device_view
 from jaxmoe.offload.program import SUPPORTED, ProgramEngine
 from jaxmoe.offload.store import expert_layout, host_sharding
-from tests.offload.reference_runs import NEW_TOKENS
+from tests.offload.reference_runs import NEW_TOKENS, build_reference
 
 
 def _strategy(name, ref):
@@ -21,8 +21,9 @@ def _strategy(name, ref):
   return name
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
-def test_every_strategy_is_exact(reference, name):
+@pytest.mark.parametrize("variant, name", [("swiglu", n) for n in SUPPORTED] + [("relu_shared", "lru")])
+def test_every_strategy_is_exact(built_references, variant, name):
+  reference = build_reference(built_references, variant)
   cfg = reference.cfg
   # the prompt (2 x 7 tokens) can route all 8 experts of a layer: the smallest budget that fits
   cache = None if name == "resident" else cfg.n_experts * cfg.expert_bytes
