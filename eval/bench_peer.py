@@ -119,16 +119,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def hf_config(args) -> transformers.PretrainedConfig:
   """The transformers config of --shape; no bos/eos/pad, so that generation never stops early."""
-  tokens = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None, num_hidden_layers=args.layers,
+  common = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None, num_hidden_layers=args.layers,
                 max_position_embeddings=4096)
   if args.shape == "olmoe":
     shape = SMOKE_CONFIG if args.cpu_smoke else dict(hidden_size=2048, num_experts=64, intermediate_size=1024,
                                                      num_experts_per_tok=8)
-    return transformers.OlmoeConfig(norm_topk_prob=False, **shape, **tokens)
+    return transformers.OlmoeConfig(norm_topk_prob=False, **shape, **common)
   if args.cpu_smoke:
     raise SystemExit("--cpu-smoke builds the olmoe shape only")
   return transformers.MixtralConfig(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
-                                    num_experts_per_tok=2, sliding_window=None, **tokens)
+                                    num_experts_per_tok=2, sliding_window=None, **common)
 
 
 def model_class(shape: str):
