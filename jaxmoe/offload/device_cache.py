@@ -27,7 +27,10 @@ class CacheState(NamedTuple):
   owner: jax.Array  # [S] layer * E + expert held by each slot, -1 if free
   last_use: jax.Array  # [S] layer clock of the slot's last use (-1: never)
   uses: jax.Array  # [S] uses since the slot was filled
-  next_use: jax.Array  # [L * E] planned next use on the layer clock (NEVER if none): `predicted`
+  # `predicted` eviction: per layer * E + expert, the planned uses on the layer clock: the first in the
+  # step being run and the first after it (NEVER: none planned)
+  next_use: jax.Array  # [L * E]
+  then_use: jax.Array  # [L * E]
   clock: jax.Array  # [] layers served so far
 
 
@@ -37,7 +40,30 @@ def empty_state(n_layers: int, n_experts: int, n_slots: int) -> CacheState:
                     last_use=jnp.full((n_slots,), -1, jnp.int32),
                     uses=jnp.zeros((n_slots,), jnp.int32),
                     next_use=jnp.full((n_layers * n_experts,), NEVER, jnp.int32),
+                    then_use=jnp.full((n_layers * n_experts,), NEVER, jnp.int32),
                     clock=jnp.zeros((), jnp.int32))
+
+
+def plan_uses(state: CacheState, offsets: jax.Array) -> CacheState:
+  """Traced, at a step's start: planned uses `offsets` [2, L * E] (layer-clock ticks after the step's
+  start, NEVER for none) become the state's `next_use` / `then_use`."""
+  at = jnp.where(offsets < NEVER, state.clock + offsets, NEVER)
+  return state._replace(next_use=at[0], then_use=at[1])
+
+
+def use_offsets(plan_steps, n_layers: int, n_experts: int) -> np.ndarray:
+  """Host side of `plan_uses`: plan_steps[m] = [L] experts planned for the m-th step from now (m = 0:
+  the step about to run) -> [2, L * E]: for each expert its first planned use in that step and its
+  first after it, as layer-clock ticks after the step's start (a step ticks once for its admissions,
+  then once per layer)."""
+  out = np.full((2, n_layers * n_experts), NEVER, np.int32)
+  for m, step in enumerate(plan_steps):
+    for layer, experts in enumerate(step):
+      tick = m * (n_layers + 1) + 2 + layer
+      for e in experts:
+        row = 0 if m == 0 else 1
+        out[row, layer * n_experts + e] = min(out[row, layer * n_experts + e], tick)
+  return out
 
 
 def distinct(experts: jax.Array, n_experts: int) -> jax.Array:
@@ -58,9 +84,10 @@ def _victim(state: CacheState, policy: str) -> jax.Array:
     primary = jnp.zeros_like(state.last_use)
   elif policy == "lfu":
     primary = state.uses
-  elif policy == "predicted":  # farthest planned next use first (a use already past counts as none)
-    nxt = state.next_use[jnp.maximum(state.owner, 0)]
-    primary = -jnp.where(nxt < state.clock, NEVER, nxt)
+  elif policy == "predicted":  # farthest planned next use first (Belady's MIN on the plan)
+    key = jnp.maximum(state.owner, 0)
+    nxt = jnp.where(state.next_use[key] < state.clock, state.then_use[key], state.next_use[key])
+    primary = -nxt
   else:
     raise ValueError(f"eviction policy must be one of {POLICIES}, got {policy!r}")
   free = state.owner < 0

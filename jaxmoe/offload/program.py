@@ -45,10 +45,11 @@ class StepOut(NamedTuple):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5),
                    donate_argnames=("pools", "state", "kv"))
 def _step(head, structure, layout, policy: str, keep: bool, temperature: float, head_leaves,
-          layer_leaves, views, pools, state, kv, tokens, pos, step, key, touch_keys, fill_keys,
+          layer_leaves, views, pools, state, kv, tokens, pos, step, key, uses, touch_keys, fill_keys,
           buffers) -> StepOut:
-  """One step over tokens [B, T] at position `pos`: the plan's copies admitted, then every layer with
-  its experts served from the cache or host memory, then the next token."""
+  """One step over tokens [B, T] at position `pos`: the plan's uses set and its copies admitted, then
+  every layer with its experts served from the cache or host memory, then the next token."""
+  state = device_cache.plan_uses(state, uses)
   state, pools = device_cache.admit(state, pools, touch_keys, fill_keys, buffers, layout=layout,
                                     policy=policy)
   b, t = tokens.shape
@@ -128,7 +129,7 @@ class ProgramEngine:
                for c in init_cache(cfg, b).layers)
     self._check_budget(b, t)
     pos, step = jax.device_put((np.int32(0), np.int32(0)), self._sharding)
-    self._pending = self._issue_plan(None)
+    self._pending = self._issue_plan(0, copy=False)  # a prompt's misses are read in place
     out = self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step=1)
     outs = [out]
     self._cached = np.asarray(out.table)
@@ -167,29 +168,35 @@ class ProgramEngine:
 
   # -------------------------------------------------------------- internals
 
-  def _run(self, kv, tokens, pos, step, key, temperature, next_step: int | None) -> StepOut:
+  def _run(self, kv, tokens, pos, step, key, temperature, next_step: int) -> StepOut:
     """Dispatch one step with the copies issued for it; first issue those of `next_step` (the
     strategy's step numbering: 0 is the prompt), so that they overlap this step."""
-    touch, fill, buffers = self._pending
+    uses, touch, fill, buffers = self._pending
     self._pending = self._issue_plan(next_step)
     out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
                 self._head_leaves, self._layer_leaves, self._views, self._pools, self._state, kv, tokens,
-                pos, step, key, touch, fill, buffers)
+                pos, step, key, uses, touch, fill, buffers)
     self._pools, self._state = out.pools, out.state
     return out
 
-  def _issue_plan(self, step: int | None) -> tuple:
-    """(touch keys, fill keys, copies in flight) of the experts the strategy plans for `step`: copies
-    of those the host last saw uncached, issued now (H2D copies overlap only compute dispatched after
+  def _issue_plan(self, step: int, copy: bool = True) -> tuple:
+    """(planned uses, touch keys, fill keys, copies in flight) for the strategy's `step`: the uses of
+    that step and the strategy's later ones (for `predicted` eviction), and copies of the planned
+    experts the host last saw uncached, issued now (H2D copies overlap only compute dispatched after
     them). Key counts are bucketed to powers of two, so few programs compile."""
+    cfg = self.cfg
     plan = None
-    if step is not None and self.strategy.name in ("oracle", "noisy_oracle"):
-      plan = self.strategy.plan_step(None, 1, step, self.n_slots, self.cfg.n_layers)
+    if self.strategy.name in ("oracle", "noisy_oracle"):
+      plan = self.strategy.plan_step(None, 1, step, self.n_slots, cfg.n_layers)
+    offsets = device_cache.use_offsets([plan or []] + list(self.strategy.future(step)),
+                                       cfg.n_layers, cfg.n_experts)
     keys = [(layer, e) for layer, experts in enumerate(plan or []) for e in experts][:self.n_slots]
+    keys = keys if copy else []
     fills = [k for k in keys if self._cached[k] < 0]
     # fills pair with buffers one to one: their keys are not padded
     buffers = jax.device_put([self.store.buffer(*k) for k in fills], self._sharding) if fills else []
-    return (self._keys(keys), self._keys(fills, len(buffers)), tuple(buffers))
+    return (jax.device_put(offsets, self._sharding), self._keys(keys), self._keys(fills, len(buffers)),
+            tuple(buffers))
 
   def _keys(self, keys: list[tuple[int, int]], size: int | None = None) -> jax.Array:
     if size is None:
