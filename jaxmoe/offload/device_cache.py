@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.offload.store import MatrixSlice, unpack
+from jaxmoe.offload.store import MatrixSlice
+from pallas_kernels import expert_fetch
 
 POLICIES = ("lru", "lfu", "predicted")
 NEVER = np.int32(2**30)  # a next use that is not planned
@@ -97,58 +98,65 @@ def _victim(state: CacheState, policy: str) -> jax.Array:
   return jnp.argmin(jnp.where(ties, state.last_use, big)).astype(jnp.int32)
 
 
-def _fill(state: CacheState, pools, layer, expert, slot, weights, layout, n_experts: int):
-  """Slot `slot` takes (layer, expert) whose packed weights [P] are `weights`."""
+def _assign(state: CacheState, layer, expert, slot, do) -> CacheState:
+  """Where `do`: slot `slot` now holds (layer, expert); its old expert is no longer cached."""
+  n_layers, n_experts = state.table.shape
   old = state.owner[slot]
-  n_layers = state.table.shape[0]
-  old_layer = jnp.where(old >= 0, old // n_experts, n_layers)  # out of range: nothing to unmap
-  table = state.table.at[old_layer, old % n_experts].set(-1, mode="drop").at[layer, expert].set(slot)
-  mats = unpack(layout, weights)
-  pools = {name: jax.lax.dynamic_update_index_in_dim(pool, mats[name].astype(pool.dtype), slot, 0)
-           for name, pool in pools.items()}
-  state = state._replace(table=table, owner=state.owner.at[slot].set(layer * n_experts + expert),
-                         uses=state.uses.at[slot].set(0))
-  return state, pools
+  old_layer = jnp.where(do & (old >= 0), old // n_experts, n_layers)  # out of range: nothing to unmap
+  table = state.table.at[old_layer, old % n_experts].set(-1, mode="drop")
+  table = table.at[layer, expert].set(jnp.where(do, slot, table[layer, expert]))
+  return state._replace(table=table,
+                        owner=state.owner.at[slot].set(jnp.where(do, layer * n_experts + expert, old)),
+                        uses=state.uses.at[slot].set(jnp.where(do, 0, state.uses[slot])))
+
+
+def _touch(state: CacheState, slot, do) -> CacheState:
+  """Where `do`: slot `slot` is used now."""
+  at = jnp.where(do, slot, state.owner.shape[0])  # out of range: dropped
+  return state._replace(last_use=state.last_use.at[at].set(state.clock, mode="drop"),
+                        uses=state.uses.at[at].add(1, mode="drop"))
+
+
+def _write(pools, layout: tuple[MatrixSlice, ...], src, ids, slots, flags, impl: str):
+  """pools[name][slots[j]] = matrix `name` of packed expert src[ids[j]] where flags[j] (src [R, P])."""
+  out = {}
+  for m in layout:
+    pool = pools[m.name]
+    flat = pool.reshape(pool.shape[0], -1)
+    out[m.name] = expert_fetch.fetch_rows(src, flat, ids, slots, flags, src_offset=m.offset,
+                                          impl=impl).reshape(pool.shape)
+  return out
 
 
 def serve_layer(state: CacheState, pools: Mapping[str, jax.Array], host_view: jax.Array,
                 layer: int, experts: jax.Array, *, layout: tuple[MatrixSlice, ...], policy: str,
-                keep: bool):
+                keep: bool, impl: str = "auto"):
   """Traced: make the experts `experts` (any shape, ids of `layer`) resident for this layer.
 
-  Each distinct routed expert that misses is read from `host_view` [E, P] (pinned host memory seen by
-  the device) into the policy's victim slot. `keep=False` frees the layer's slots for reuse after it
-  (naive on-demand loading). -> (state, pools, rhs_index [E] slot of each expert (0 where unrouted),
-  hits [], misses [], routed [U] distinct experts padded with -1)."""
-  n_layers, n_experts = state.table.shape
-  del n_layers
+  Each distinct routed expert that misses takes the policy's victim slot and is read into it from
+  `host_view` [E, P] (pinned host memory seen by the device) by the fetch kernel (`impl`: the kernel
+  switch). `keep=False` frees the layer's slots for reuse after it (naive on-demand loading).
+  -> (state, pools, rhs_index [E] slot of each expert (0 where unrouted), hits [], misses [],
+  routed [U] distinct experts padded with -1)."""
+  n_experts = state.table.shape[1]
   state = state._replace(clock=state.clock + 1)
   routed = distinct(experts, n_experts)
-  hits = misses = jnp.zeros((), jnp.int32)
+  slots, flags = [], []
   for j in range(routed.shape[0]):
-    e = routed[j]
-    valid = e >= 0
-    safe_e = jnp.maximum(e, 0)
-    cached = state.table[layer, safe_e]
-    miss = valid & (cached < 0)
-
-    def fetch(args, safe_e=safe_e):
-      st, pl = args
-      slot = _victim(st, policy)
-      weights = jax.lax.dynamic_index_in_dim(host_view, safe_e, keepdims=False)
-      return _fill(st, pl, layer, safe_e, slot, weights, layout, n_experts)
-
-    state, pools = jax.lax.cond(miss, fetch, lambda args: args, (state, dict(pools)))
-    slot = state.table[layer, safe_e]
-    touched = jnp.where(valid, slot, state.owner.shape[0])  # out of range: dropped
-    state = state._replace(last_use=state.last_use.at[touched].set(state.clock, mode="drop"),
-                           uses=state.uses.at[touched].add(1, mode="drop"))
-    hits += (valid & ~miss).astype(jnp.int32)
-    misses += miss.astype(jnp.int32)
+    e = jnp.maximum(routed[j], 0)
+    valid = routed[j] >= 0
+    miss = valid & (state.table[layer, e] < 0)
+    slot = jnp.where(miss, _victim(state, policy), state.table[layer, e])
+    state = _touch(_assign(state, layer, e, slot, miss), slot, valid)
+    slots.append(slot)
+    flags.append(miss)
+  slots, flags = jnp.stack(slots), jnp.stack(flags)
+  pools = _write(pools, layout, host_view, jnp.maximum(routed, 0), slots, flags, impl)
   rhs_index = jnp.maximum(state.table[layer], 0)
   if not keep:
     state = _release_layer(state, layer, n_experts)
-  return state, pools, rhs_index, hits, misses, routed
+  return state, pools, rhs_index, jnp.sum(~flags & (routed >= 0)).astype(jnp.int32), \
+      jnp.sum(flags).astype(jnp.int32), routed
 
 
 def _release_layer(state: CacheState, layer: int, n_experts: int) -> CacheState:
@@ -159,30 +167,28 @@ def _release_layer(state: CacheState, layer: int, n_experts: int) -> CacheState:
 
 
 def admit(state: CacheState, pools, touch_keys: jax.Array, fill_keys: jax.Array, buffers, *, layout,
-          policy: str):
+          policy: str, impl: str = "auto"):
   """Traced, before a step's first layer: the planned experts `touch_keys` [n, 2] (layer, expert; -1
   rows are padding) that are cached are marked used now, so that no fill evicts them; then the copied
   experts `buffers` ([P] each, on the device) for `fill_keys` [len(buffers), 2] take victim slots
   unless cached already. -> (state, pools)."""
-  n_experts = state.table.shape[1]
-  n_slots = state.owner.shape[0]
   state = state._replace(clock=state.clock + 1)
   safe = jnp.maximum(touch_keys, 0)
-  slots = jnp.where(touch_keys[:, 0] >= 0, state.table[safe[:, 0], safe[:, 1]], -1)
-  state = state._replace(last_use=state.last_use.at[jnp.where(slots >= 0, slots, n_slots)]
-                         .set(state.clock, mode="drop"))
-  for i, weights in enumerate(buffers):
-    layer, e = fill_keys[i, 0], fill_keys[i, 1]
-    safe_l, safe_e = jnp.maximum(layer, 0), jnp.maximum(e, 0)
-    wanted = (layer >= 0) & (state.table[safe_l, safe_e] < 0)
-
-    def fill(args, safe_l=safe_l, safe_e=safe_e, weights=weights):
-      st, pl = args
-      st, pl = _fill(st, pl, safe_l, safe_e, _victim(st, policy), weights, layout, n_experts)
-      slot = st.table[safe_l, safe_e]
-      return st._replace(last_use=st.last_use.at[slot].set(st.clock)), pl
-
-    state, pools = jax.lax.cond(wanted, fill, lambda args: args, (state, dict(pools)))
+  cached = jnp.where(touch_keys[:, 0] >= 0, state.table[safe[:, 0], safe[:, 1]], -1)
+  state = _touch(state, jnp.maximum(cached, 0), cached >= 0)
+  if not buffers:
+    return state, pools
+  slots, flags = [], []
+  for i in range(len(buffers)):
+    layer, e = jnp.maximum(fill_keys[i, 0], 0), jnp.maximum(fill_keys[i, 1], 0)
+    wanted = (fill_keys[i, 0] >= 0) & (state.table[layer, e] < 0)
+    slot = _victim(state, policy)
+    state = _touch(_assign(state, layer, e, slot, wanted), slot, wanted)
+    slots.append(slot)
+    flags.append(wanted)
+  src = jnp.stack(buffers)
+  pools = _write(pools, layout, src, jnp.arange(len(buffers), dtype=jnp.int32), jnp.stack(slots),
+                 jnp.stack(flags), impl)
   return state, pools
 
 

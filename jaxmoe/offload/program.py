@@ -49,9 +49,10 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
           buffers) -> StepOut:
   """One step over tokens [B, T] at position `pos`: the plan's uses set and its copies admitted, then
   every layer with its experts served from the cache or host memory, then the next token."""
+  impl = structure.merge(layer_leaves[0]).moe.cfg.kernel_impl  # the one kernel switch
   state = device_cache.plan_uses(state, uses)
   state, pools = device_cache.admit(state, pools, touch_keys, fill_keys, buffers, layout=layout,
-                                    policy=policy)
+                                    policy=policy, impl=impl)
   b, t = tokens.shape
   positions = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (b, t))
   x = _embed(head, head_leaves, tokens)
@@ -60,7 +61,7 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
     x, h, experts, weights, layer_cache, _ = _attend_route(structure, leaves, (), x, positions,
                                                           layer_cache, pos)
     state, pools, rhs_index, hit, miss, ids = device_cache.serve_layer(
-        state, pools, view, layer, experts, layout=layout, policy=policy, keep=keep)
+        state, pools, view, layer, experts, layout=layout, policy=policy, keep=keep, impl=impl)
     x = _layer_ffn(structure, leaves, pools, rhs_index, h, x, experts, weights)
     hits.append(hit)
     misses.append(miss)
