@@ -207,15 +207,15 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
   tx, schedule = make_optimizer(s), lr_schedule(s)
   graphdef, abstract = checkpoint.abstract_params(cfg)
   data_position = {"position": 0, "batch_size": s.batch_size, "seq_len": s.seq_len, "seed": s.seed}
-  if saved is not None:
-    state = checkpoint.restore_training(saved, cfg, jax.eval_shape(tx.init, abstract))
+  if saved is not None:  # the run directory: a corrupt newest checkpoint falls back to an older one
+    state = checkpoint.restore_training(workdir, cfg, jax.eval_shape(tx.init, abstract))
     pos = state.data_position
     if (pos.get("batch_size"), pos.get("seq_len"), pos.get("seed")) != (s.batch_size, s.seq_len, s.seed):
-      raise ValueError(f"{saved} was saved with batch_size/seq_len/seed {pos.get('batch_size')}/"
+      raise ValueError(f"{state.path} was saved with batch_size/seq_len/seed {pos.get('batch_size')}/"
                        f"{pos.get('seq_len')}/{pos.get('seed')}; resume with the same settings or use "
                        f"another --workdir")
     params, opt_state, start = state.params, state.opt_state, state.step
-    log(f"resuming from {saved} (step {start})")
+    log(f"resuming from {state.path} (step {start})")
   else:
     _, params = nnx.split(model_lib.create(cfg, seed=s.seed), nnx.Param)
     opt_state, start = tx.init(params), 0
