@@ -140,7 +140,8 @@ def read_meta(ckpt: str | os.PathLike) -> dict:
   except json.JSONDecodeError as e:
     raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt: {path} is not valid JSON ({e})") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT or "step" not in meta:
-    raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt or of an unknown format: {path} holds {meta!r:.200}")
+    raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt or of an unknown format: {path} holds "
+                                 f"{meta!r:.200}")
   return meta
 
 
@@ -275,7 +276,8 @@ def _load_model(ckpt: Path, config_overrides: dict):
   try:
     return cfg, nnx.merge(graphdef, params)
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"config overrides {config_overrides} change the parameter structure of {ckpt}: {e}") from e
+    raise ValueError(f"config overrides {config_overrides} change the parameter structure of {ckpt}: "
+                     f"{e}") from e
 
 
 def _restore_params(ckpt: Path, cfg: MoEConfig):
@@ -356,7 +358,8 @@ def _drop_reports_of_abandoned_reads():
 
   def hook(unraisable):
     code = getattr(unraisable.object, "cr_code", None)
-    loop_closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+    error = unraisable.exc_value
+    loop_closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
     if not (loop_closed or "orbax" in getattr(code, "co_filename", "")):
       previous(unraisable)
 
