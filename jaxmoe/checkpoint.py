@@ -317,10 +317,10 @@ def _restore(item: Path, target, what: str):
       raise CorruptCheckpointError(f"checkpoint {item.parent} is corrupt: cannot read the metadata of "
                                    f"{item.name}/ ({_first_line(e)})") from None
     _check_shapes(getattr(saved, "item_metadata", saved), target, item, what)
+    _drop_reports_of_abandoned_reads()  # before the read: they can come while the error propagates
     try:
       return ckptr.restore(item, target)
     except Exception as e:  # noqa: BLE001 (TensorStore errors of truncated or damaged files)
-      _drop_reports_of_abandoned_reads()
       array = re.search(r"'path': '([^']+)/',\s*\},\s*'metadata'", str(e))  # in the spec Orbax dumps
       raise CorruptCheckpointError(
           f"checkpoint {item.parent} is corrupt: cannot read {item.name}/"
@@ -351,7 +351,7 @@ def _shapes_by_name(tree) -> dict[str, tuple | None]:
 def _drop_reports_of_abandoned_reads():
   """After a failed read Orbax leaves its other reads of the restore running (it never cancels them);
   when they end or are collected, maybe much later, Python prints a long traceback for each ("Event loop
-  is closed", a TensorStore spec). From the first failed read on, drop those reports, only those."""
+  is closed", a TensorStore spec). From the first restore on, drop those reports, only those."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_abandoned_orbax_reads", False):
     return
