@@ -333,11 +333,11 @@ def _check_shapes(saved_tree, target, item: Path, what: str):
   """Refuse a checkpoint of other arrays before any read starts (a failed read leaves Orbax's other
   reads pending)."""
   saved, wanted = _shapes_by_name(saved_tree), _shapes_by_name(target)
-  if saved.keys() != wanted.keys() or any(None not in (saved[k], wanted[k]) and saved[k] != wanted[k]
-                                          for k in wanted):
-    diff = sorted(saved.keys() ^ wanted.keys()) or [k for k in sorted(wanted) if saved[k] != wanted[k]]
-    raise ValueError(f"cannot restore {item} as {what}: it was saved for another model ({diff[0]}: saved "
-                     f"{saved.get(diff[0])}, expected {wanted.get(diff[0])})")
+  differ = sorted(saved.keys() ^ wanted.keys()) or [
+      k for k in sorted(wanted) if None not in (saved[k], wanted[k]) and saved[k] != wanted[k]]
+  if differ:
+    raise ValueError(f"cannot restore {item} as {what}: it was saved for another model ({differ[0]}: saved "
+                     f"{saved.get(differ[0])}, expected {wanted.get(differ[0])})")
 
 
 def _shapes_by_name(tree) -> dict[str, tuple | None]:
