@@ -191,8 +191,15 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
   elif saved is not None and not resume:
     raise ValueError(f"{workdir} already holds checkpoints ({saved.name}) and --no-resume was given; "
                      f"use an empty --workdir")
-  if saved is not None and not checkpoint.read_meta(saved).get("has_opt_state"):
-    return _finished_summary(workdir, saved, log)
+  if saved is not None:
+    meta = checkpoint.read_meta(saved)
+    pos = meta["data_position"]
+    if (pos.get("batch_size"), pos.get("seq_len"), pos.get("seed")) != (s.batch_size, s.seq_len, s.seed):
+      raise ValueError(f"{saved} was saved with batch_size/seq_len/seed {pos.get('batch_size')}/"
+                       f"{pos.get('seq_len')}/{pos.get('seed')}; resume with the same settings or use "
+                       f"another --workdir")
+    if not meta.get("has_opt_state"):
+      return _finished_summary(workdir, saved, log)
 
   corpus = data_lib.prepare_corpus(workdir, cfg.vocab_size, data, val_fraction=s.val_fraction,
                                    max_bytes=int(s.corpus_mb * 1e6) or None,
@@ -209,11 +216,6 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
   data_position = {"position": 0, "batch_size": s.batch_size, "seq_len": s.seq_len, "seed": s.seed}
   if saved is not None:  # the run directory: a corrupt newest checkpoint falls back to an older one
     state = checkpoint.restore_training(workdir, cfg, jax.eval_shape(tx.init, abstract))
-    pos = state.data_position
-    if (pos.get("batch_size"), pos.get("seq_len"), pos.get("seed")) != (s.batch_size, s.seq_len, s.seed):
-      raise ValueError(f"{state.path} was saved with batch_size/seq_len/seed {pos.get('batch_size')}/"
-                       f"{pos.get('seq_len')}/{pos.get('seed')}; resume with the same settings or use "
-                       f"another --workdir")
     params, opt_state, start = state.params, state.opt_state, state.step
     log(f"resuming from {state.path} (step {start})")
   else:

@@ -13,8 +13,10 @@ from flax import nnx
 from jaxmoe import checkpoint, config
 from train import data as data_lib, train_model
 
+# save_optimizer=False as the main job trains (one setting for all tests: one compile of the step)
 SETTINGS = train_model.TrainSettings(steps=24, batch_size=4, seq_len=32, lr=3e-3, warmup=4, eval_every=12,
-                                     eval_batches=2, ckpt_every=8, log_every=4, max_minutes=10)
+                                     eval_batches=2, ckpt_every=8, log_every=4, max_minutes=10,
+                                     save_optimizer=False)
 QUIET = {"progress": False, "log": lambda msg: None}
 
 
@@ -78,7 +80,6 @@ def test_tokenizer_loads_with_auto_tokenizer(full_run):
 
 def test_interrupted_run_stops_then_resumes_to_the_same_parameters(full_run, corpus, tmp_path, monkeypatch):
   workdir = tmp_path / "interrupted"
-  settings = dataclasses.replace(SETTINGS, save_optimizer=False)  # as the main job trains
   batch = data_lib.BatchStream.batch
 
   def batch_then_ctrl_c(self, position):  # Ctrl-C arrives while step 11 is running
@@ -95,7 +96,7 @@ def test_interrupted_run_stops_then_resumes_to_the_same_parameters(full_run, cor
   for interrupt, step in ((batch_then_ctrl_c, 11), (batch_then_fail, 14)):
     monkeypatch.setattr(data_lib.BatchStream, "batch", interrupt)
     with pytest.raises(KeyboardInterrupt):  # the caller stops too: it never sees a half-trained model
-      train_model.train_and_evaluate(config.tiny(), workdir, settings, data=corpus, **QUIET)
+      train_model.train_and_evaluate(config.tiny(), workdir, SETTINGS, data=corpus, **QUIET)
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     saved = checkpoint.latest_checkpoint(workdir)
     assert saved.name == f"step_{step:08d}" and checkpoint.read_meta(saved)["has_opt_state"]
@@ -103,10 +104,10 @@ def test_interrupted_run_stops_then_resumes_to_the_same_parameters(full_run, cor
   monkeypatch.setattr(data_lib.BatchStream, "batch", batch)
 
   # A planned stop (schedule unchanged) and a second resume reach the uninterrupted run's parameters.
-  stopped = train_model.train_and_evaluate(config.tiny(), workdir, settings, data=corpus, stop_at=17,
+  stopped = train_model.train_and_evaluate(config.tiny(), workdir, SETTINGS, data=corpus, stop_at=17,
                                            **QUIET)
   assert stopped["stopped_by"] == "stop_at" and stopped["step"] == 17
-  final = train_model.train_and_evaluate(config.tiny(), workdir, settings, data=corpus, **QUIET)
+  final = train_model.train_and_evaluate(config.tiny(), workdir, SETTINGS, data=corpus, **QUIET)
   assert final["step"] == SETTINGS.steps and final["train_tokens_this_run"] == 7 * 4 * 32  # 17 -> 24
   for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(_params(full_run[0]))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise: same steps, same data
@@ -115,7 +116,7 @@ def test_interrupted_run_stops_then_resumes_to_the_same_parameters(full_run, cor
 
   # The finished model (no optimizer state) is done: a further call trains nothing and returns its summary.
   metrics = (workdir / "metrics.jsonl").read_text()
-  again = train_model.train_and_evaluate(config.tiny(), workdir, settings, data=corpus, **QUIET)
+  again = train_model.train_and_evaluate(config.tiny(), workdir, SETTINGS, data=corpus, **QUIET)
   assert again == json.loads((workdir / "summary.json").read_text()) and again["step"] == SETTINGS.steps
   assert (workdir / "metrics.jsonl").read_text() == metrics
 
