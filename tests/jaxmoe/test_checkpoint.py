@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -114,14 +115,14 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(tmp_path, tra
   newest = checkpoint.save_run(tmp_path, cfg, jax.tree.map(lambda x: x + 1, params), opt_state=opt_state,
                                step=2)
   _truncate_largest_file(newest)
-  with pytest.warns(UserWarning, match=f"checkpoint {newest} is corrupt: cannot read params/.*"
-                                       f"falling back to the older checkpoint {older.name}"):
+  with pytest.warns(UserWarning, match=f"checkpoint {re.escape(str(newest))} is corrupt: cannot read params/"
+                                       f".*falling back to the older checkpoint {older.name}"):
     _, model = checkpoint.load_model(tmp_path)
   assert _leaves_equal(nnx.state(model, nnx.Param), params)
   with pytest.warns(UserWarning, match="falling back"):
     state = checkpoint.restore_training(tmp_path, cfg, jax.eval_shape(tx.init, params))
   assert state.step == 1 and state.path == older and _leaves_equal(state.opt_state, opt_state)
-  with pytest.raises(checkpoint.CorruptCheckpointError, match=str(newest)):  # asked for by name: no fallback
+  with pytest.raises(checkpoint.CorruptCheckpointError, match=re.escape(str(newest))):  # asked for by name: no fallback
     checkpoint.load_model(newest)
 
 
@@ -137,7 +138,6 @@ def test_a_truncated_only_checkpoint_is_a_one_line_error_naming_it(tmp_path, tra
   assert "\n" not in message and "TensorStore" not in message and len(message) < 600
   assert info.value.__suppress_context__  # no chained Orbax traceback under it
   assert isinstance(info.value, ValueError)
-
 
 
 def test_corrupt_checkpoints_raise_value_error_naming_the_path(tmp_path, trained_like):
