@@ -17,7 +17,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-for _name, _type in (("JAX_COMPILATION_CACHE_DIR", str), ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", float),
+for _name, _type in (("JAX_COMPILATION_CACHE_DIR", str),
+                     ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", float),
                      ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", int)):
   jax.config.update(_name.lower(), _type(os.environ[_name]))  # jax may have read the environment already
 

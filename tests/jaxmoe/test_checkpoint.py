@@ -122,7 +122,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(tmp_path, tra
   with pytest.warns(UserWarning, match="falling back"):
     state = checkpoint.restore_training(tmp_path, cfg, jax.eval_shape(tx.init, params))
   assert state.step == 1 and state.path == older and _leaves_equal(state.opt_state, opt_state)
-  with pytest.raises(checkpoint.CorruptCheckpointError, match=re.escape(str(newest))):  # asked for by name: no fallback
+  # a checkpoint asked for by name does not fall back
+  with pytest.raises(checkpoint.CorruptCheckpointError, match=re.escape(str(newest))):
     checkpoint.load_model(newest)
 
 
