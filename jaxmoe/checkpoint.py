@@ -14,18 +14,23 @@ Layout of a run directory (what `train.train_model` writes):
     metrics.jsonl, summary.json, data/   (training outputs)
 
 A checkpoint is written under `step_XXXXXXXX.tmp` and renamed when complete, so a crash never leaves a
-half-written directory under a valid name; directories without the final name are ignored.
+half-written directory under a valid name; directories without the final name are ignored. A checkpoint
+damaged later (a truncated copy) raises CorruptCheckpointError naming it; loading a run directory then
+falls back, with a warning, to its newest intact checkpoint.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import re
 import shutil
+import sys
+import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import jax
 import numpy as np
@@ -40,6 +45,11 @@ CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+T = TypeVar("T")
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint whose files cannot be read (truncated, overwritten or not what Orbax wrote)."""
 
 
 class TrainingState(NamedTuple):
@@ -74,7 +84,7 @@ def load_config(path: str | os.PathLike) -> MoEConfig:
       try:
         return MoEConfig.from_dict(json.loads(c.read_text()))
       except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"corrupt model config {c}: {e}") from e
+        raise CorruptCheckpointError(f"corrupt model config {c}: {e}") from None
   raise FileNotFoundError(f"no model config found at {path} (looked for {[str(c) for c in candidates]})")
 
 
@@ -108,13 +118,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"no such run or checkpoint directory: {path}")
-  if (path / META).exists() or (path / "params").exists():
+  if _is_checkpoint(path):
     return path
   latest = latest_checkpoint(path)
   if latest is None:
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {META}, no params/) nor a run directory "
                             f"with checkpoints (nothing under {path / CHECKPOINTS})")
   return latest
+
+
+def _is_checkpoint(path: Path) -> bool:
+  return (path / META).exists() or (path / "params").exists()
 
 
 def read_meta(ckpt: str | os.PathLike) -> dict:
@@ -125,9 +139,10 @@ def read_meta(ckpt: str | os.PathLike) -> dict:
   try:
     meta = json.loads(path.read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f"checkpoint {ckpt} is corrupt: {path} is not valid JSON ({e})") from e
+    raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt: {path} is not valid JSON ({e})") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT or "step" not in meta:
-    raise ValueError(f"checkpoint {ckpt} is corrupt or of an unknown format: {path} holds {meta!r:.200}")
+    raise CorruptCheckpointError(f"checkpoint {ckpt} is corrupt or of an unknown format: {path} holds "
+                                 f"{meta!r:.200}")
   return meta
 
 
@@ -208,42 +223,73 @@ def abstract_params(cfg: MoEConfig):
 
 
 def restore_params(ckpt: str | os.PathLike, cfg: MoEConfig):
-  """nnx.State of the parameters saved in checkpoint `ckpt` for a model of `cfg` (exact values)."""
-  ckpt = resolve_checkpoint(ckpt)
-  read_meta(ckpt)
-  _, target = abstract_params(cfg)
-  return _restore(ckpt / "params", target, f"parameters of a model of this config ({brief_config(cfg)})")
+  """nnx.State of the parameters saved in checkpoint `ckpt` (or a run's newest intact one) for a model of
+  `cfg` (exact values)."""
+  return _newest_intact(ckpt, lambda c: _restore_params(c, cfg))
 
 
 def load_model(path: str | os.PathLike, **config_overrides) -> tuple[MoEConfig, model_lib.MoELM]:
-  """(cfg, model) from a run directory (its newest checkpoint) or a checkpoint directory.
+  """(cfg, model) from a run directory (its newest intact checkpoint) or a checkpoint directory.
 
   `config_overrides` replace config fields that do not change parameter shapes, e.g.
   `kernel_impl="xla"`, `dtype="bfloat16"`, or `param_dtype="bfloat16"` (parameters are cast).
   """
-  ckpt = resolve_checkpoint(path)
+  return _newest_intact(path, lambda c: _load_model(c, config_overrides))
+
+
+def restore_training(path: str | os.PathLike, cfg: MoEConfig, opt_state_target=None) -> TrainingState:
+  """Parameters, optimizer state, step and data position of a checkpoint (or a run's newest intact one).
+
+  `opt_state_target` is a pytree with the structure of the saved optimizer state (arrays or
+  ShapeDtypeStructs, e.g. `jax.eval_shape(tx.init, params)`); None skips the optimizer state.
+  """
+  return _newest_intact(path, lambda c: _restore_training(c, cfg, opt_state_target))
+
+
+def _newest_intact(path: str | os.PathLike, load: Callable[[Path], T]) -> T:
+  """load(checkpoint) of a checkpoint directory, or of a run directory's newest checkpoint that loads;
+  each corrupt or incomplete newer one is skipped with a warning. With none intact, the newest's error."""
+  path = Path(path)
+  if not path.exists() or _is_checkpoint(path) or not list_checkpoints(path):
+    return load(resolve_checkpoint(path))  # resolve_checkpoint says why there is nothing to load
+  newest_first = [c for _, c in reversed(list_checkpoints(path))]
+  newest_error = None
+  for ckpt, older in zip(newest_first, newest_first[1:]):
+    try:
+      return load(ckpt)
+    except (CorruptCheckpointError, FileNotFoundError) as e:
+      newest_error = newest_error or e
+      warnings.warn(f"{e}; falling back to the older checkpoint {older.name}", stacklevel=3)
+  try:
+    return load(newest_first[-1])
+  except (CorruptCheckpointError, FileNotFoundError) as e:
+    raise (newest_error or e) from None
+
+
+def _load_model(ckpt: Path, config_overrides: dict):
   read_meta(ckpt)
   saved_cfg = load_config(ckpt)
   cfg = dataclasses.replace(saved_cfg, **config_overrides) if config_overrides else saved_cfg
-  params = restore_params(ckpt, saved_cfg)
+  params = _restore_params(ckpt, saved_cfg)
   if cfg.param_dtype != saved_cfg.param_dtype:
     params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), params)
   graphdef, _ = abstract_params(cfg)
   try:
     return cfg, nnx.merge(graphdef, params)
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"config overrides {config_overrides} change the parameter structure of {ckpt}: {e}") from e
+    raise ValueError(f"config overrides {config_overrides} change the parameter structure of {ckpt}: "
+                     f"{e}") from e
 
 
-def restore_training(path: str | os.PathLike, cfg: MoEConfig, opt_state_target=None) -> TrainingState:
-  """Parameters, optimizer state, step and data position of a checkpoint (or a run's newest one).
+def _restore_params(ckpt: Path, cfg: MoEConfig):
+  read_meta(ckpt)
+  _, target = abstract_params(cfg)
+  return _restore(ckpt / "params", target, f"parameters of a model of this config ({brief_config(cfg)})")
 
-  `opt_state_target` is a pytree with the structure of the saved optimizer state (arrays or
-  ShapeDtypeStructs, e.g. `jax.eval_shape(tx.init, params)`); None skips the optimizer state.
-  """
-  ckpt = resolve_checkpoint(path)
+
+def _restore_training(ckpt: Path, cfg: MoEConfig, opt_state_target) -> TrainingState:
   meta = read_meta(ckpt)
-  params = restore_params(ckpt, cfg)
+  params = _restore_params(ckpt, cfg)
   opt_state = None
   if opt_state_target is not None:
     if not meta.get("has_opt_state"):
@@ -266,14 +312,61 @@ def _restore(item: Path, target, what: str):
     raise FileNotFoundError(f"checkpoint {item.parent} is incomplete or corrupt: {item.name}/ is missing")
   ckptr = ocp.StandardCheckpointer()
   try:
-    return ckptr.restore(item, target)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"checkpoint {item.parent} is incomplete or corrupt: {item} ({e})") from e
-  except Exception as e:  # Orbax raises many types for truncated files or mismatched trees
-    raise ValueError(f"cannot restore {item} as {what}: the checkpoint is corrupt or was saved for "
-                     f"another model ({type(e).__name__}: {str(e)[:500]})") from e
+    try:
+      saved = ckptr.metadata(item)
+    except Exception as e:  # noqa: BLE001 (Orbax raises many types for unreadable metadata)
+      raise CorruptCheckpointError(f"checkpoint {item.parent} is corrupt: cannot read the metadata of "
+                                   f"{item.name}/ ({_first_line(e)})") from None
+    _check_shapes(getattr(saved, "item_metadata", saved), target, item, what)
+    _drop_reports_of_abandoned_reads()  # before the read: they can come while the error propagates
+    try:
+      return ckptr.restore(item, target)
+    except Exception as e:  # noqa: BLE001 (TensorStore errors of truncated or damaged files)
+      array = re.search(r"'path': '([^']+)/',\s*\},\s*'metadata'", str(e))  # in the spec Orbax dumps
+      raise CorruptCheckpointError(
+          f"checkpoint {item.parent} is corrupt: cannot read {item.name}/"
+          f"{array.group(1) if array else ''} ({_first_line(e.__cause__ or e)})") from None
   finally:
     ckptr.close()
+
+
+def _check_shapes(saved_tree, target, item: Path, what: str):
+  """Refuse a checkpoint of other arrays before any read starts (a failed read leaves Orbax's other
+  reads pending). Shapes only: Orbax and flax versions spell the same pytree paths differently."""
+  saved = [tuple(x.shape) if hasattr(x, "shape") else None for x in jax.tree.leaves(saved_tree)]
+  if None in saved:  # metadata without shapes: leave the check to Orbax
+    return
+  saved = collections.Counter(saved)
+  wanted = collections.Counter(tuple(x.shape) for x in jax.tree.leaves(target))
+  differ = sorted((s for s in saved | wanted if saved[s] != wanted[s]), key=str)
+  if differ:
+    raise ValueError(f"cannot restore {item} as {what}: it was saved for another model ({saved[differ[0]]} "
+                     f"arrays of shape {differ[0]} saved, {wanted[differ[0]]} expected)")
+
+
+def _drop_reports_of_abandoned_reads():
+  """After a failed read Orbax leaves its other reads of the restore running (it never cancels them);
+  when they end or are collected, maybe much later, Python prints a long traceback for each ("Event loop
+  is closed", a TensorStore spec). From the first restore on, drop those reports, only those."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_abandoned_orbax_reads", False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    error = unraisable.exc_value
+    loop_closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    if not (loop_closed or "orbax" in getattr(code, "co_filename", "")):
+      previous(unraisable)
+
+  hook.drops_abandoned_orbax_reads = True
+  sys.unraisablehook = hook
+
+
+def _first_line(e: BaseException) -> str:
+  """An exception's first line, without the TensorStore spec dump Orbax appends."""
+  text = str(e).split(" See full TensorStore details")[0].strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def _leaves_dict(tree) -> dict[str, Any]:

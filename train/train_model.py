@@ -3,7 +3,7 @@
 The run directory holds config.json, the tokenizer (AutoTokenizer loads it), Orbax checkpoints
 (parameters, optimizer state, step, data position), metrics.jsonl and summary.json; `jaxmoe.checkpoint.
 load_model(run_dir)` loads the trained model. Training resumes from the newest checkpoint; Ctrl-C or a
-SIGTERM saves one before exiting.
+SIGTERM saves a resumable one and stops (KeyboardInterrupt / SystemExit), so the next run continues.
 
   python -m train.train_model --preset small --workdir runs/small
 """
@@ -52,7 +52,7 @@ class TrainSettings:
   eval_batches: int = 4  # validation batches of batch_size x seq_len tokens
   ckpt_every: int = 20  # checkpoint every N steps (0: only at the end)
   keep: int = 2  # newest checkpoints kept
-  save_optimizer: bool = True  # keep the optimizer state in checkpoints (needed to resume training)
+  save_optimizer: bool = True  # keep the optimizer state in the final checkpoint (the others always do)
   log_every: int = 10  # steps between metrics lines (each one syncs with the device)
   seed: int = 0  # parameter init and data order
   val_fraction: float = 0.05  # fraction of documents (files) held out for validation
@@ -170,7 +170,10 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
   """Train `cfg` in `workdir` (resuming from its newest checkpoint), evaluate, and return the summary.
 
   Stops at `settings.steps`, at `stop_at` (a step limit that keeps the schedule of `settings.steps`),
-  when `settings.max_minutes` have passed, or on SIGINT / SIGTERM (checkpoint, no final evaluation).
+  or when `settings.max_minutes` have passed. On SIGINT / SIGTERM (or an error) it saves a checkpoint
+  that resumes training and raises KeyboardInterrupt / SystemExit (the error): a caller never goes on
+  with a half-trained model. A run that finished without optimizer state (save_optimizer=False) is done:
+  calling again returns its summary.
   """
   s = settings or TrainSettings()
   t0 = time.monotonic()
@@ -188,6 +191,15 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
   elif saved is not None and not resume:
     raise ValueError(f"{workdir} already holds checkpoints ({saved.name}) and --no-resume was given; "
                      f"use an empty --workdir")
+  if saved is not None:
+    meta = checkpoint.read_meta(saved)
+    pos = meta["data_position"]
+    if (pos.get("batch_size"), pos.get("seq_len"), pos.get("seed")) != (s.batch_size, s.seq_len, s.seed):
+      raise ValueError(f"{saved} was saved with batch_size/seq_len/seed {pos.get('batch_size')}/"
+                       f"{pos.get('seq_len')}/{pos.get('seed')}; resume with the same settings or use "
+                       f"another --workdir")
+    if not meta.get("has_opt_state"):
+      return _finished_summary(workdir, saved, log)
 
   corpus = data_lib.prepare_corpus(workdir, cfg.vocab_size, data, val_fraction=s.val_fraction,
                                    max_bytes=int(s.corpus_mb * 1e6) or None,
@@ -202,15 +214,10 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
   tx, schedule = make_optimizer(s), lr_schedule(s)
   graphdef, abstract = checkpoint.abstract_params(cfg)
   data_position = {"position": 0, "batch_size": s.batch_size, "seq_len": s.seq_len, "seed": s.seed}
-  if saved is not None:
-    state = checkpoint.restore_training(saved, cfg, jax.eval_shape(tx.init, abstract))
-    pos = state.data_position
-    if (pos.get("batch_size"), pos.get("seq_len"), pos.get("seed")) != (s.batch_size, s.seq_len, s.seed):
-      raise ValueError(f"{saved} was saved with batch_size/seq_len/seed {pos.get('batch_size')}/"
-                       f"{pos.get('seq_len')}/{pos.get('seed')}; resume with the same settings or use "
-                       f"another --workdir")
+  if saved is not None:  # the run directory: a corrupt newest checkpoint falls back to an older one
+    state = checkpoint.restore_training(workdir, cfg, jax.eval_shape(tx.init, abstract))
     params, opt_state, start = state.params, state.opt_state, state.step
-    log(f"resuming from {saved} (step {start})")
+    log(f"resuming from {state.path} (step {start})")
   else:
     _, params = nnx.split(model_lib.create(cfg, seed=s.seed), nnx.Param)
     opt_state, start = tx.init(params), 0
@@ -221,9 +228,11 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
   metrics_file = (workdir / "metrics.jsonl").open("a")
   write = lambda rec: (metrics_file.write(json.dumps(rec) + "\n"), metrics_file.flush())
 
-  def save(step: int):
+  def save(step: int, final: bool = False):
     data_position["position"] = step
-    checkpoint.save_run(workdir, cfg, params, opt_state=opt_state if s.save_optimizer else None, step=step,
+    # Only the finished model may drop the optimizer state: every other checkpoint must resume training.
+    keep_opt = s.save_optimizer or not final
+    checkpoint.save_run(workdir, cfg, params, opt_state=opt_state if keep_opt else None, step=step,
                         data_position=dict(data_position), keep=s.keep,
                         extra={"settings": dataclasses.asdict(s)})
 
@@ -279,7 +288,7 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
       try:
         jax.block_until_ready(params)
         save(step)
-        log(f"stopped at step {step}: checkpoint saved in {workdir}")
+        log(f"stopped at step {step}: checkpoint saved in {workdir}; run again to resume")
       except Exception as e:  # noqa: BLE001 (buffers donated to a step that failed)
         log(f"could not save a checkpoint at step {step}: {e}")
       metrics_file.close()
@@ -288,11 +297,15 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
     save(step)
     metrics_file.close()
     stopped_by = "stop_at"
-  if stopped_by in ("signal", "stop_at"):
+  if stopped_by == "signal":  # the checkpoint is saved: stop the caller too, as the signal asked
+    if signals[0] == signal.SIGINT:
+      raise KeyboardInterrupt
+    raise SystemExit(128 + signals[0])
+  if stopped_by == "stop_at":
     return {"interrupted": True, "step": step, "stopped_by": stopped_by}
   result = evaluate(graphdef, cfg, params, val_batches)
   write({"step": step, "split": "val", **result})
-  save(step)
+  save(step, final=True)
   metrics_file.close()
   tokens_timed = steps_timed * s.batch_size * s.seq_len
   tok_s = tokens_timed / train_s if train_s > 0 else None
@@ -311,6 +324,18 @@ def train_and_evaluate(cfg: MoEConfig, workdir: str | Path, settings: TrainSetti
   log(f"step {step}: val loss {result['val_loss']:.3f}, ppl {result['val_ppl']:.1f} (unigram "
       f"{unigram_ppl:.1f}); load entropy per layer {result['load_entropy']}; "
       f"{summary['wall_s']:.0f} s")
+  return summary
+
+
+def _finished_summary(workdir: Path, saved: Path, log: Callable[[str], None]) -> dict:
+  """The summary of a run whose newest checkpoint `saved` is its final model without optimizer state."""
+  summary_path = workdir / "summary.json"
+  summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+  if summary is None or summary.get("step") != checkpoint.read_meta(saved)["step"]:
+    raise ValueError(f"checkpoint {saved} holds no optimizer state and {summary_path} does not record it "
+                     f"as the finished model: training cannot resume; use another --workdir")
+  log(f"{workdir} holds a finished model (step {summary['step']}, saved without optimizer state): "
+      f"nothing to train")
   return summary
 
 
@@ -369,9 +394,12 @@ def main(argv=None) -> int:
                                              "eval_every", "ckpt_every", "corpus_mb", "seed")
                if getattr(args, k) is not None}
   settings = dataclasses.replace(train_settings(args.preset), **overrides)
-  summary = train_and_evaluate(config_lib.preset(args.preset), args.workdir, settings, data=args.data,
-                               resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress)
-  return 130 if summary["stopped_by"] == "signal" else 0
+  try:
+    train_and_evaluate(config_lib.preset(args.preset), args.workdir, settings, data=args.data,
+                       resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress)
+  except KeyboardInterrupt:  # the checkpoint is saved and logged: exit as an interrupted command does
+    return 130
+  return 0
 
 
 if __name__ == "__main__":

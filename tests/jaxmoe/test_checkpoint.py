@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -100,7 +101,46 @@ def test_missing_checkpoints_raise_file_not_found(tmp_path, trained_like):
     checkpoint.load_model(tmp_path)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's read tasks
+def _truncate_largest_file(ckpt):
+  """Halve the largest data file of a checkpoint's parameters (a copy that stopped short)."""
+  f = max((f for f in (ckpt / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+  f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+
+
+# Orbax's abandoned reads must not leak tracebacks (pytest reports them as unraisable exceptions).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(tmp_path, trained_like):
+  cfg, params, tx, opt_state = trained_like
+  older = checkpoint.save_run(tmp_path, cfg, params, opt_state=opt_state, step=1)
+  newest = checkpoint.save_run(tmp_path, cfg, jax.tree.map(lambda x: x + 1, params), opt_state=opt_state,
+                               step=2)
+  _truncate_largest_file(newest)
+  with pytest.warns(UserWarning, match=f"checkpoint {re.escape(str(newest))} is corrupt: cannot read params/"
+                                       f".*falling back to the older checkpoint {older.name}"):
+    _, model = checkpoint.load_model(tmp_path)
+  assert _leaves_equal(nnx.state(model, nnx.Param), params)
+  with pytest.warns(UserWarning, match="falling back"):
+    state = checkpoint.restore_training(tmp_path, cfg, jax.eval_shape(tx.init, params))
+  assert state.step == 1 and state.path == older and _leaves_equal(state.opt_state, opt_state)
+  # a checkpoint asked for by name does not fall back
+  with pytest.raises(checkpoint.CorruptCheckpointError, match=re.escape(str(newest))):
+    checkpoint.load_model(newest)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_truncated_only_checkpoint_is_a_one_line_error_naming_it(tmp_path, trained_like):
+  cfg, params, _, _ = trained_like
+  ckpt = checkpoint.save_run(tmp_path, cfg, params, step=1)
+  _truncate_largest_file(ckpt)
+  with pytest.raises(checkpoint.CorruptCheckpointError) as info:
+    checkpoint.load_model(tmp_path)
+  message = str(info.value)
+  assert message.startswith(f"checkpoint {ckpt} is corrupt: cannot read params/")
+  assert "\n" not in message and "TensorStore" not in message and len(message) < 600
+  assert info.value.__suppress_context__  # no chained Orbax traceback under it
+  assert isinstance(info.value, ValueError)
+
+
 def test_corrupt_checkpoints_raise_value_error_naming_the_path(tmp_path, trained_like):
   cfg, params, tx, _ = trained_like
   ckpt = checkpoint.save_run(tmp_path / "a", cfg, params, step=1)

@@ -1,6 +1,7 @@
 """Training the MoE LM: loss goes down, an interrupted run resumes to the same parameters, the run
 directory is self-contained, and bad data is reported clearly."""
 
+import dataclasses
 import json
 import signal
 
@@ -12,8 +13,10 @@ from flax import nnx
 from jaxmoe import checkpoint, config
 from train import data as data_lib, train_model
 
+# save_optimizer=False as the main job trains (one setting for all tests: one compile of the step)
 SETTINGS = train_model.TrainSettings(steps=24, batch_size=4, seq_len=32, lr=3e-3, warmup=4, eval_every=12,
-                                     eval_batches=2, ckpt_every=8, log_every=4, max_minutes=10)
+                                     eval_batches=2, ckpt_every=8, log_every=4, max_minutes=10,
+                                     save_optimizer=False)
 QUIET = {"progress": False, "log": lambda msg: None}
 
 
@@ -75,7 +78,7 @@ def test_tokenizer_loads_with_auto_tokenizer(full_run):
   assert max(ids) < config.tiny().vocab_size and tok.eos_token == data_lib.EOS
 
 
-def test_interrupted_run_resumes_to_the_same_parameters(full_run, corpus, tmp_path, monkeypatch):
+def test_interrupted_run_stops_then_resumes_to_the_same_parameters(full_run, corpus, tmp_path, monkeypatch):
   workdir = tmp_path / "interrupted"
   batch = data_lib.BatchStream.batch
 
@@ -84,12 +87,20 @@ def test_interrupted_run_resumes_to_the_same_parameters(full_run, corpus, tmp_pa
       signal.raise_signal(signal.SIGINT)
     return batch(self, position)
 
-  monkeypatch.setattr(data_lib.BatchStream, "batch", batch_then_ctrl_c)
+  def batch_then_fail(self, position):  # an error (or a second Ctrl-C) inside step 15
+    if position == 14:
+      raise KeyboardInterrupt
+    return batch(self, position)
+
   handler_before = signal.getsignal(signal.SIGINT)
-  first = train_model.train_and_evaluate(config.tiny(), workdir, SETTINGS, data=corpus, **QUIET)
-  assert first == {"interrupted": True, "step": 11, "stopped_by": "signal"}
-  assert checkpoint.latest_checkpoint(workdir).name == "step_00000011"
-  assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
+  for interrupt, step in ((batch_then_ctrl_c, 11), (batch_then_fail, 14)):
+    monkeypatch.setattr(data_lib.BatchStream, "batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):  # the caller stops too: it never sees a half-trained model
+      train_model.train_and_evaluate(config.tiny(), workdir, SETTINGS, data=corpus, **QUIET)
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
+    saved = checkpoint.latest_checkpoint(workdir)
+    assert saved.name == f"step_{step:08d}" and checkpoint.read_meta(saved)["has_opt_state"]
+    assert not (workdir / "summary.json").exists()
   monkeypatch.setattr(data_lib.BatchStream, "batch", batch)
 
   # A planned stop (schedule unchanged) and a second resume reach the uninterrupted run's parameters.
@@ -97,14 +108,20 @@ def test_interrupted_run_resumes_to_the_same_parameters(full_run, corpus, tmp_pa
                                            **QUIET)
   assert stopped["stopped_by"] == "stop_at" and stopped["step"] == 17
   final = train_model.train_and_evaluate(config.tiny(), workdir, SETTINGS, data=corpus, **QUIET)
-  assert final["step"] == SETTINGS.steps
+  assert final["step"] == SETTINGS.steps and final["train_tokens_this_run"] == 7 * 4 * 32  # 17 -> 24
   for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(_params(full_run[0]))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise: same steps, same data
   assert final["val_loss"] == full_run[1]["val_loss"]
+  assert not checkpoint.read_meta(checkpoint.latest_checkpoint(workdir))["has_opt_state"]
+
+  # The finished model (no optimizer state) is done: a further call trains nothing and returns its summary.
+  metrics = (workdir / "metrics.jsonl").read_text()
+  again = train_model.train_and_evaluate(config.tiny(), workdir, SETTINGS, data=corpus, **QUIET)
+  assert again == json.loads((workdir / "summary.json").read_text()) and again["step"] == SETTINGS.steps
+  assert (workdir / "metrics.jsonl").read_text() == metrics
 
 
 def test_resume_refuses_other_settings(full_run, corpus):
-  import dataclasses
   other = dataclasses.replace(SETTINGS, batch_size=2, steps=30)
   with pytest.raises(ValueError, match="batch_size/seq_len/seed"):
     train_model.train_and_evaluate(config.tiny(), full_run[0], other, data=corpus, **QUIET)
