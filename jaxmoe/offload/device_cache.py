@@ -77,9 +77,10 @@ def distinct(experts: jax.Array, n_experts: int) -> jax.Array:
   return jnp.where(ids < n_experts, ids, -1)
 
 
-def _victim(state: CacheState, policy: str) -> jax.Array:
-  """The slot to fill next: a free one, else the policy's choice among the slots that the layer being
-  served has not used, least recently used among equals."""
+def _eviction_order(state: CacheState, policy: str) -> jax.Array:
+  """[S] slots in the order the policy gives them up: free ones first, then by the policy, least
+  recently used among equals; slots the layer being served has used come last (never taken while
+  it holds fewer experts than the cache has slots)."""
   big = jnp.int32(2**30)
   if policy == "lru":
     primary = jnp.zeros_like(state.last_use)
@@ -91,23 +92,30 @@ def _victim(state: CacheState, policy: str) -> jax.Array:
     primary = -nxt
   else:
     raise ValueError(f"eviction policy must be one of {POLICIES}, got {policy!r}")
-  free = state.owner < 0
-  busy = state.last_use == state.clock
-  primary = jnp.where(free, -big, jnp.where(busy, big, primary))
-  ties = primary == jnp.min(primary)
-  return jnp.argmin(jnp.where(ties, state.last_use, big)).astype(jnp.int32)
+  primary = jnp.where(state.owner < 0, -big, jnp.where(state.last_use == state.clock, big, primary))
+  return jnp.lexsort((state.last_use, primary)).astype(jnp.int32)
 
 
-def _assign(state: CacheState, layer, expert, slot, do) -> CacheState:
-  """Where `do`: slot `slot` now holds (layer, expert); its old expert is no longer cached."""
+def _claim(state: CacheState, policy: str, layer, experts, valid):
+  """Vectorised over the keys (layer[i], experts[i]) where `valid`: cached ones are used now; each
+  of the others takes the next slot the policy gives up, as if chosen one after another.
+  -> (state, slots [n], missed [n])."""
   n_layers, n_experts = state.table.shape
-  old = state.owner[slot]
-  old_layer = jnp.where(do & (old >= 0), old // n_experts, n_layers)  # out of range: nothing to unmap
+  n_slots = state.owner.shape[0]
+  cached = state.table[layer, experts]
+  hit, miss = valid & (cached >= 0), valid & (cached < 0)
+  state = _touch(state, cached, hit)
+  order = _eviction_order(state, policy)
+  slots = jnp.where(miss, order[jnp.clip(jnp.cumsum(miss) - 1, 0, n_slots - 1)], cached)
+  old = state.owner[slots]
+  old_layer = jnp.where(miss & (old >= 0), old // n_experts, n_layers)  # out of range: dropped
   table = state.table.at[old_layer, old % n_experts].set(-1, mode="drop")
-  table = table.at[layer, expert].set(jnp.where(do, slot, table[layer, expert]))
-  return state._replace(table=table,
-                        owner=state.owner.at[slot].set(jnp.where(do, layer * n_experts + expert, old)),
-                        uses=state.uses.at[slot].set(jnp.where(do, 0, state.uses[slot])))
+  table = table.at[jnp.where(miss, layer, n_layers), experts].set(slots, mode="drop")
+  put = jnp.where(miss, slots, n_slots)
+  state = state._replace(table=table,
+                         owner=state.owner.at[put].set(layer * n_experts + experts, mode="drop"),
+                         uses=state.uses.at[put].set(0, mode="drop"))
+  return _touch(state, slots, miss), slots, miss
 
 
 def _touch(state: CacheState, slot, do) -> CacheState:
@@ -141,16 +149,9 @@ def serve_layer(state: CacheState, pools: Mapping[str, jax.Array], host_view: ja
   n_experts = state.table.shape[1]
   state = state._replace(clock=state.clock + 1)
   routed = distinct(experts, n_experts)
-  slots, flags = [], []
-  for j in range(routed.shape[0]):
-    e = jnp.maximum(routed[j], 0)
-    valid = routed[j] >= 0
-    miss = valid & (state.table[layer, e] < 0)
-    slot = jnp.where(miss, _victim(state, policy), state.table[layer, e])
-    state = _touch(_assign(state, layer, e, slot, miss), slot, valid)
-    slots.append(slot)
-    flags.append(miss)
-  slots, flags = jnp.stack(slots), jnp.stack(flags)
+  valid = routed >= 0
+  state, slots, flags = _claim(state, policy, jnp.full_like(routed, layer), jnp.maximum(routed, 0),
+                               valid)
   pools = _write(pools, layout, host_view, jnp.maximum(routed, 0), slots, flags, impl)
   rhs_index = jnp.maximum(state.table[layer], 0)
   if not keep:
@@ -178,17 +179,11 @@ def admit(state: CacheState, pools, touch_keys: jax.Array, fill_keys: jax.Array,
   state = _touch(state, jnp.maximum(cached, 0), cached >= 0)
   if not buffers:
     return state, pools
-  slots, flags = [], []
-  for i in range(len(buffers)):
-    layer, e = jnp.maximum(fill_keys[i, 0], 0), jnp.maximum(fill_keys[i, 1], 0)
-    wanted = (fill_keys[i, 0] >= 0) & (state.table[layer, e] < 0)
-    slot = _victim(state, policy)
-    state = _touch(_assign(state, layer, e, slot, wanted), slot, wanted)
-    slots.append(slot)
-    flags.append(wanted)
+  n = len(buffers)
+  state, slots, flags = _claim(state, policy, jnp.maximum(fill_keys[:n, 0], 0),
+                               jnp.maximum(fill_keys[:n, 1], 0), fill_keys[:n, 0] >= 0)
   src = jnp.stack(buffers)
-  pools = _write(pools, layout, src, jnp.arange(len(buffers), dtype=jnp.int32), jnp.stack(slots),
-                 jnp.stack(flags), impl)
+  pools = _write(pools, layout, src, jnp.arange(n, dtype=jnp.int32), slots, flags, impl)
   return state, pools
 
 

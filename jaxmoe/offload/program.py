@@ -21,7 +21,7 @@ import numpy as np
 from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import device_cache, strategies
-from jaxmoe.offload.cache import empty_pools
+from jaxmoe.offload.cache import empty_pools, write_slots
 from jaxmoe.offload.engine import OffloadStats, _attend_route, _embed, _last_logits, _layer_ffn, split_model
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
@@ -60,8 +60,14 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
   for layer, (leaves, view, layer_cache) in enumerate(zip(layer_leaves, views, kv)):
     x, h, experts, weights, layer_cache, _ = _attend_route(structure, leaves, (), x, positions,
                                                           layer_cache, pos)
-    state, pools, rhs_index, hit, miss, ids = device_cache.serve_layer(
-        state, pools, view, layer, experts, layout=layout, policy=policy, keep=keep, impl=impl)
+    if policy == "resident":  # every expert in slot layer * E + expert: nothing to decide
+      n_experts = state.table.shape[1]
+      rhs_index = layer * n_experts + jnp.arange(n_experts, dtype=jnp.int32)
+      ids = device_cache.distinct(experts, n_experts)
+      hit, miss = jnp.sum(ids >= 0).astype(jnp.int32), jnp.zeros((), jnp.int32)
+    else:
+      state, pools, rhs_index, hit, miss, ids = device_cache.serve_layer(
+          state, pools, view, layer, experts, layout=layout, policy=policy, keep=keep, impl=impl)
     x = _layer_ffn(structure, leaves, pools, rhs_index, h, x, experts, weights)
     hits.append(hit)
     misses.append(miss)
@@ -106,7 +112,7 @@ class ProgramEngine:
     elif cache_bytes is None:
       raise ValueError(f"strategy {strategy.name!r} needs cache_bytes (the device expert budget)")
     self.n_slots = device_cache.slot_count(cache_bytes, self.store.expert_bytes, cfg.top_k)
-    self._policy = "lru" if strategy.resident else strategy.eviction
+    self._policy = "resident" if strategy.resident else strategy.eviction
     self._keep = strategy.keeps_experts
     self._pools = empty_pools(self.store, self.n_slots, device or self.store.device)
     self._state = put(device_cache.empty_state(cfg.n_layers, cfg.n_experts, self.n_slots))
@@ -227,19 +233,11 @@ class ProgramEngine:
     stats.logits = np.stack([np.asarray(o.logits) for o in outs], axis=1)
 
   def _load_everything(self):
-    """`resident`: every expert into its slot once, through the same admission as a prefetch."""
+    """`resident`: expert e of layer l into slot l * E + e, once."""
     cfg = self.cfg
-    keys = np.array([(layer, e) for layer in range(cfg.n_layers) for e in range(cfg.n_experts)],
-                    np.int32)
     for layer in range(cfg.n_layers):
-      part = keys[layer * cfg.n_experts:(layer + 1) * cfg.n_experts]
-      buffers = tuple(jax.device_put([self.store.buffer(*k) for k in part], self._sharding))
-      part = jax.device_put(part, self._sharding)
-      self._state, self._pools = _admit(self.store.layout, self._state, self._pools, part[:0], part,
-                                        buffers)
-    self._cached = np.asarray(self._state.table)
+      buffers = jax.device_put([self.store.buffer(layer, e) for e in range(cfg.n_experts)], self._sharding)
+      self._pools = write_slots(self.store.layout, self._pools, buffers,
+                                range(layer * cfg.n_experts, (layer + 1) * cfg.n_experts))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
-def _admit(layout, state, pools, touch_keys, fill_keys, buffers):
-  return device_cache.admit(state, pools, touch_keys, fill_keys, buffers, layout=layout, policy="lru")
