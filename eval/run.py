@@ -60,7 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   a = parse_args(argv)
   out = Path(a.out or f"runs/{a.settings.preset}")
-  results = pipeline.run(a.settings, out, model_path=a.model, data=a.data)
+  try:
+    results = pipeline.run(a.settings, out, model_path=a.model, data=a.data)
+  except KeyboardInterrupt:  # training saved a resumable checkpoint and said so; no traceback
+    print(f"\ninterrupted: run the same command again to go on from what {out} holds", file=sys.stderr)
+    return 130
   print(report.summary_table(results))
   print(f"\nwrote {out / 'results.json'}, {out / 'report.md'} and plots")
   return 0

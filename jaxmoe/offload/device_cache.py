@@ -88,8 +88,8 @@ def _eviction_order(state: CacheState, policy: str) -> jax.Array:
     primary = state.uses
   elif policy == "predicted":  # farthest planned next use first (Belady's MIN on the plan)
     key = jnp.maximum(state.owner, 0)
-    nxt = jnp.where(state.next_use[key] < state.clock, state.then_use[key], state.next_use[key])
-    primary = -nxt
+    this_step, later = state.next_use[key], state.then_use[key]
+    primary = -jnp.where(this_step >= state.clock, jnp.minimum(this_step, later), later)
   else:
     raise ValueError(f"eviction policy must be one of {POLICIES}, got {policy!r}")
   primary = jnp.where(state.owner < 0, -big, jnp.where(state.last_use == state.clock, big, primary))

@@ -21,7 +21,7 @@ import numpy as np
 from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import device_cache, strategies
-from jaxmoe.offload.cache import empty_pools, write_slots
+from jaxmoe.offload.cache import CopyRecord, empty_pools, write_slots
 from jaxmoe.offload.engine import OffloadStats, _attend_route, _embed, _last_logits, _layer_ffn, split_model
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
@@ -117,6 +117,7 @@ class ProgramEngine:
     self._pools = empty_pools(self.store, self.n_slots, device or self.store.device)
     self._state = put(device_cache.empty_state(cfg.n_layers, cfg.n_experts, self.n_slots))
     self._cached = np.full((cfg.n_layers, cfg.n_experts), -1)  # the host's last read of the table
+    self._copies: list[CopyRecord] = []  # prefetch copies issued for the request being run
     self._pending: tuple = ()
     if strategy.resident:
       self._load_everything()
@@ -132,6 +133,7 @@ class ProgramEngine:
     stats = OffloadStats(hits=[0] * cfg.n_layers, misses=[0] * cfg.n_layers,
                          stall_s=[0.0] * cfg.n_layers, batch=b, start_s=time.perf_counter())
     key = jax.random.key(seed)
+    self._copies = []
     kv = tuple(jax.device_put(LayerCache(jnp.zeros_like(c.k), jnp.zeros_like(c.v)), self._sharding)
                for c in init_cache(cfg, b).layers)
     self._check_budget(b, t)
@@ -202,6 +204,9 @@ class ProgramEngine:
     fills = [k for k in keys if self._cached[k] < 0]
     # fills pair with buffers one to one: their keys are not padded
     buffers = jax.device_put([self.store.buffer(*k) for k in fills], self._sharding) if fills else []
+    now = time.perf_counter()
+    self._copies += [CopyRecord(layer, e, step, "prefetch", self.store.expert_bytes, now)
+                     for layer, e in fills]
     return (jax.device_put(offsets, self._sharding), self._keys(keys), self._keys(fills, len(buffers)),
             tuple(buffers))
 
@@ -231,6 +236,9 @@ class ProgramEngine:
     stats.step_read_bytes = [int(np.sum(m)) * self.store.expert_bytes for m in misses]
     stats.host_read_bytes = sum(stats.step_read_bytes)
     stats.logits = np.stack([np.asarray(o.logits) for o in outs], axis=1)
+    for c in self._copies:  # a copy of an expert its step routed to was used (others: wasted bytes)
+      c.used = c.step < len(stats.routing) and c.expert in stats.routing[c.step][c.layer]
+    stats.copies = [c for c in self._copies if c.step < len(stats.routing)]
 
   def _load_everything(self):
     """`resident`: expert e of layer l into slot l * E + e, once."""

@@ -41,6 +41,24 @@ def test_every_strategy_is_exact(built_references, variant, name):
     assert sum(stats.misses) == 0
   if name == "on_demand":  # drops every expert after its layer
     assert sum(stats.hits) == 0
+  assert stats.bytes_useful <= stats.bytes_copied == (stats.host_read_bytes
+                                                      + len(stats.copies) * cfg.expert_bytes)
+
+
+def test_oracle_copies_each_decode_step_ahead_and_reads_nothing_then():
+  cfg = dataclasses.replace(config.tiny(), n_layers=3, kernel_impl="xla")
+  model = model_lib.create(cfg, seed=0)
+  prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 7))
+  want, ref = ProgramEngine(model, strategy="resident").generate(prompt, 8)
+  oracle = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref.routing)
+  # 10 slots: a decode step routes 6 experts, so the copies for the next step must evict well
+  engine = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy=oracle)
+  tokens, stats = engine.generate(prompt, 8)
+  np.testing.assert_array_equal(tokens, want)
+  assert stats.step_read_bytes[0] > 0 and sum(stats.step_read_bytes[1:]) == 0
+  assert stats.copies and all(c.reason == "prefetch" and c.step >= 1 for c in stats.copies)
+  lru = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy="lru").generate(prompt, 8)[1]
+  assert sum(lru.step_read_bytes[1:]) > 0  # the test is not trivial: LRU misses there
 
 
 def test_sampling_matches_the_reference(swiglu_reference):
@@ -115,3 +133,27 @@ def test_a_layer_never_evicts_its_own_experts_and_on_demand_keeps_none():
   got = _serve_sequence("lru", True, [[0, 1], [2, 3]])
   assert got == [(0, 2, [0, 1]), (0, 2, [2, 3])]
   assert _serve_sequence("lru", False, [[0, 1], [0, 1]]) == [(0, 2, []), (0, 2, [])]
+
+
+def test_predicted_eviction_gives_up_the_farthest_planned_use():
+  # slots hold experts 0 (used last, next planned far ahead) and 1 (planned soon): 2 evicts 0
+  cfg = dataclasses.replace(config.tiny(), n_layers=1, n_experts=4, d_model=16, d_ff=16)
+  layout = expert_layout(cfg)
+  size = layout[-1].offset + int(np.prod(layout[-1].shape))
+  host = np.arange(4 * size, dtype=np.float32).reshape(4, size)
+  view = device_view(jax.device_put(host, host_sharding()), host.shape, host.dtype)
+  pools = {m.name: jnp.zeros((2,) + m.shape, jnp.float32) for m in layout}
+  state = device_cache.empty_state(1, 4, 2)._replace(
+      table=jnp.array([[0, 1, -1, -1]], jnp.int32), owner=jnp.array([0, 1], jnp.int32),
+      last_use=jnp.array([5, 4], jnp.int32), clock=jnp.array(5, jnp.int32))
+  offsets = device_cache.use_offsets([[[]], [[1]], [[]], [[0]]], 1, 4)  # 1 next step, 0 two later
+  state = device_cache.plan_uses(state, jnp.asarray(offsets))
+  state, _, _, hits, misses, _ = device_cache.serve_layer(state, pools, view, 0, jnp.array([[2]]),
+                                                          layout=layout, policy="predicted", keep=True)
+  assert (int(hits), int(misses)) == (0, 1)
+  assert device_cache.cached_experts(np.asarray(state.table)) == [[1, 2]]
+  lru = device_cache.serve_layer(device_cache.plan_uses(state._replace(
+      table=jnp.array([[0, 1, -1, -1]], jnp.int32), owner=jnp.array([0, 1], jnp.int32),
+      last_use=jnp.array([5, 4], jnp.int32)), jnp.asarray(offsets)), pools, view, 0, jnp.array([[2]]),
+      layout=layout, policy="lru", keep=True)[0]
+  assert device_cache.cached_experts(np.asarray(lru.table)) == [[0, 2]]  # LRU gives up 1 instead
