@@ -79,6 +79,16 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
                  tuple(routed), pos + t, step + 1, state.table + 0)
 
 
+class _StepRecord(NamedTuple):
+  """What the host keeps of a step once it has read it (numpy)."""
+
+  token: np.ndarray  # [B]
+  logits: np.ndarray  # [B, V]
+  hits: np.ndarray  # [L]
+  misses: np.ndarray  # [L]
+  routed: tuple  # [L] of [U]
+
+
 class ProgramEngine:
   """Exact MoE generation, one compiled program per step (see the module docstring).
 
@@ -140,26 +150,31 @@ class ProgramEngine:
     pos, step = jax.device_put((np.int32(0), np.int32(0)), self._sharding)
     self._pending = self._issue_plan(0, copy=False)  # a prompt's misses are read in place
     out = self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step=1)
-    outs = [out]
-    self._cached = np.asarray(out.table)
-    out.token.block_until_ready()
+    steps = [self._read(out)]
     ready = [time.perf_counter()]
     stats.ttft_s = ready[0] - stats.start_s
     for n in range(1, max_new_tokens):
-      out = self._run(out.kv, out.token[:, None], out.pos, out.step, key, temperature, next_step=n + 1)
-      outs.append(out)
+      last, out = out, self._run(out.kv, out.token[:, None], out.pos, out.step, key, temperature,
+                                 next_step=n + 1)
       if n >= 2:  # step n-1 is read while step n is queued: the device never waits for the host
-        self._cached = np.asarray(outs[-2].table)
+        steps.append(self._read(last))
         ready.append(time.perf_counter())
     if max_new_tokens >= 2:
-      self._cached = np.asarray(outs[-1].table)
+      steps.append(self._read(out))
       ready.append(time.perf_counter())
     stats.e2e_s = ready[-1] - stats.start_s
     stats.token_latencies_s = np.diff(ready).tolist()
     stats.n_generated = max_new_tokens
-    self._record(stats, outs)
-    new = np.stack([np.asarray(o.token) for o in outs], axis=1)
+    self._record(stats, steps)
+    new = np.stack([s.token for s in steps], axis=1)
     return np.concatenate([prompt, new], axis=1), stats
+
+  def _read(self, out: StepOut) -> "_StepRecord":
+    """One device-to-host read of a finished step's small outputs (its device arrays are then free)."""
+    token, logits, hits, misses, routed, table = jax.device_get(
+        (out.token, out.logits, out.hits, out.misses, out.routed, out.table))
+    self._cached = table
+    return _StepRecord(token, logits, hits, misses, routed)
 
   def reset_cache(self):
     """Forget every cached expert (the next request starts cold); `resident` stays loaded."""
@@ -227,18 +242,16 @@ class ProgramEngine:
           f"holds {self.n_slots}: give cache_bytes >= {needed * self.store.expert_bytes}, a shorter prompt, "
           f"or use OffloadEngine, which streams such prompts through the cache")
 
-  def _record(self, stats: OffloadStats, outs: list[StepOut]):
-    hits, misses, routed = jax.device_get(([o.hits for o in outs], [o.misses for o in outs],
-                                           [o.routed for o in outs]))
-    stats.hits = np.sum(hits, axis=0).astype(int).tolist()
-    stats.misses = np.sum(misses, axis=0).astype(int).tolist()
-    stats.routing = [[sorted(int(e) for e in ids if e >= 0) for ids in step] for step in routed]
-    stats.step_read_bytes = [int(np.sum(m)) * self.store.expert_bytes for m in misses]
+  def _record(self, stats: OffloadStats, steps: list["_StepRecord"]):
+    stats.hits = np.sum([s.hits for s in steps], axis=0).astype(int).tolist()
+    stats.misses = np.sum([s.misses for s in steps], axis=0).astype(int).tolist()
+    stats.routing = [[sorted(int(e) for e in ids if e >= 0) for ids in s.routed] for s in steps]
+    stats.step_read_bytes = [int(np.sum(s.misses)) * self.store.expert_bytes for s in steps]
     stats.host_read_bytes = sum(stats.step_read_bytes)
-    stats.logits = np.stack([np.asarray(o.logits) for o in outs], axis=1)
+    stats.logits = np.stack([s.logits for s in steps], axis=1)
     for c in self._copies:  # a copy of an expert its step routed to was used (others: wasted bytes)
-      c.used = c.step < len(stats.routing) and c.expert in stats.routing[c.step][c.layer]
-    stats.copies = [c for c in self._copies if c.step < len(stats.routing)]
+      c.used = c.step < len(steps) and c.expert in stats.routing[c.step][c.layer]
+    stats.copies = [c for c in self._copies if c.step < len(steps)]
 
   def _load_everything(self):
     """`resident`: expert e of layer l into slot l * E + e, once."""

@@ -50,3 +50,21 @@ def test_long_decode_does_not_grow_buffers_or_threads():
     assert len(copies) > STEPS and any(not c.used for c in copies)  # it kept copying (and wasting)
     assert sum(engine.stats.misses) > 0
   assert threading.active_count() == threads_before
+
+
+@pytest.mark.slow
+def test_program_engine_long_decode_leaves_nothing_behind():
+  # ProgramEngine keeps only numpy per step once read: a long request ends with the live device
+  # arrays of a short one, and runs no thread
+  from jaxmoe.offload.program import ProgramEngine
+  cfg = dataclasses.replace(config.tiny(), n_layers=3, max_seq_len=STEPS + 16, kernel_impl="xla")
+  model = model_lib.create(cfg, seed=0)
+  threads = threading.active_count()
+  engine = ProgramEngine(model, cache_bytes=cfg.n_experts * cfg.expert_bytes, strategy="lru")
+  prompt = np.arange(7, dtype=np.int32)[None]
+  engine.generate(prompt, 50)
+  live = len(jax.live_arrays())
+  _, stats = engine.generate(prompt, STEPS)
+  assert len(jax.live_arrays()) <= live
+  assert threading.active_count() == threads
+  assert sum(stats.step_read_bytes[1:]) > 0  # the cache kept churning
