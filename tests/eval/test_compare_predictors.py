@@ -3,6 +3,7 @@
 import pytest
 
 from eval import compare_predictors
+from tests.cli_errors import refused
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -13,8 +14,5 @@ from eval import compare_predictors
     (["--predictors", "missing"], "--predictors"),
 ])
 def test_bad_arguments_are_refused(args, flag, tmp_path, capsys):
-  with pytest.raises(SystemExit) as e:
-    compare_predictors.main(["--out", str(tmp_path / "out"), *args])
-  assert e.value.code == 2
-  assert flag in capsys.readouterr().err.strip().splitlines()[-1]
+  assert flag in refused(compare_predictors.main, ["--out", str(tmp_path / "out"), *args], capsys)
   assert not (tmp_path / "out").exists()

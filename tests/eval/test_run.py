@@ -9,6 +9,7 @@ import pytest
 
 from eval import run
 from jaxmoe import checkpoint, config
+from tests.cli_errors import refused
 
 
 @pytest.mark.slow
@@ -61,10 +62,7 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
     (["--cache-fraction", "0.1"], "the smallest valid value is 0.125"),
 ])
 def test_bad_arguments_are_refused_with_the_flag_named(args, flag, tmp_path, capsys):
-  with pytest.raises(SystemExit) as e:
-    run.parse_args(["--preset", "tiny", "--out", str(tmp_path), *args])
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()[-1]
+  err = refused(run.parse_args, ["--preset", "tiny", "--out", str(tmp_path), *args], capsys)
   assert "error:" in err and flag in err
   assert not any(tmp_path.iterdir())  # refused before anything was written
 

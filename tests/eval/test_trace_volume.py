@@ -6,6 +6,7 @@ import json
 import pytest
 
 from eval import trace_volume
+from tests.cli_errors import refused
 
 
 @pytest.mark.slow
@@ -35,8 +36,5 @@ def test_learning_curve_tiny(tmp_path, corpus):
     (["--model", "missing"], "--model"),
 ])
 def test_bad_arguments_are_refused(args, flag, tmp_path, capsys):
-  with pytest.raises(SystemExit) as e:
-    trace_volume.main(["--preset", "tiny", "--out", str(tmp_path), *args])
-  assert e.value.code == 2
-  assert flag in capsys.readouterr().err.strip().splitlines()[-1]
+  assert flag in refused(trace_volume.main, ["--preset", "tiny", "--out", str(tmp_path), *args], capsys)
   assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -3,14 +3,8 @@ names the flag (exit status 2)."""
 
 import pytest
 
+from tests.cli_errors import refused as _refused
 from train import collect_traces, train_predictor
-
-
-def _refused(main, argv, capsys) -> str:
-  with pytest.raises(SystemExit) as e:
-    main(argv)
-  assert e.value.code == 2
-  return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("args, flag", [
