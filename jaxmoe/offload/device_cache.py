@@ -45,6 +45,23 @@ def empty_state(n_layers: int, n_experts: int, n_slots: int) -> CacheState:
                     clock=jnp.zeros((), jnp.int32))
 
 
+class Admission(NamedTuple):
+  """What a step's plan hands its program: where the planned experts will be used, which of them to
+  keep, and the copies of those the host expects uncached (a value: nothing is edited in place)."""
+
+  uses: jax.Array  # [2, L * E] planned uses as layer-clock ticks after the step's start (`plan_uses`)
+  touch_keys: jax.Array  # [n, 2] (layer, expert) planned for the step, -1 rows padding
+  fill_keys: jax.Array  # [len(buffers), 2] the experts copied
+  buffers: tuple  # [P] device copies in flight
+
+
+def admit_plan(state: CacheState, pools, plan: Admission, *, layout, policy: str, impl: str = "auto"):
+  """Traced, before a step's first layer: the plan's uses set, then its experts admitted (`admit`)."""
+  state = plan_uses(state, plan.uses)
+  return admit(state, pools, plan.touch_keys, plan.fill_keys, plan.buffers, layout=layout, policy=policy,
+               impl=impl)
+
+
 def plan_uses(state: CacheState, offsets: jax.Array) -> CacheState:
   """Traced, at a step's start: planned uses `offsets` [2, L * E] (layer-clock ticks after the step's
   start, NEVER for none) become the state's `next_use` / `then_use`."""

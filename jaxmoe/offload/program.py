@@ -45,14 +45,12 @@ class StepOut(NamedTuple):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5),
                    donate_argnames=("pools", "state", "kv"))
 def _step(head, structure, layout, policy: str, keep: bool, temperature: float, head_leaves,
-          layer_leaves, views, pools, state, kv, tokens, pos, step, key, uses, touch_keys, fill_keys,
-          buffers) -> StepOut:
+          layer_leaves, views, pools, state, kv, tokens, pos, step, key,
+          plan: device_cache.Admission) -> StepOut:
   """One step over tokens [B, T] at position `pos`: the plan's uses set and its copies admitted, then
   every layer with its experts served from the cache or host memory, then the next token."""
   impl = structure.merge(layer_leaves[0]).moe.cfg.kernel_impl  # the one kernel switch
-  state = device_cache.plan_uses(state, uses)
-  state, pools = device_cache.admit(state, pools, touch_keys, fill_keys, buffers, layout=layout,
-                                    policy=policy, impl=impl)
+  state, pools = device_cache.admit_plan(state, pools, plan, layout=layout, policy=policy, impl=impl)
   b, t = tokens.shape
   positions = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (b, t))
   x = _embed(head, head_leaves, tokens)
@@ -77,6 +75,15 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
   token = select_token(logits, temperature, None if temperature == 0.0 else jax.random.fold_in(key, step))
   return StepOut(token, logits, tuple(new_kv), pools, state, jnp.stack(hits), jnp.stack(misses),
                  tuple(routed), pos + t, step + 1, state.table + 0)
+
+
+def _padded(keys: list[tuple[int, int]], size: int | None = None) -> np.ndarray:
+  """[size, 2] (layer, expert) rows, -1 past the keys; size: the next power of two by default."""
+  if size is None:
+    size = 0 if not keys else 1 << (len(keys) - 1).bit_length()
+  out = np.full((size, 2), -1, np.int32)
+  out[:len(keys)] = np.asarray(keys, np.int32).reshape(-1, 2)
+  return out
 
 
 class _StepRecord(NamedTuple):
@@ -128,7 +135,11 @@ class ProgramEngine:
     self._state = put(device_cache.empty_state(cfg.n_layers, cfg.n_experts, self.n_slots))
     self._cached = np.full((cfg.n_layers, cfg.n_experts), -1)  # the host's last read of the table
     self._copies: list[CopyRecord] = []  # prefetch copies issued for the request being run
-    self._pending: tuple = ()
+    # plans come from strategies that know the next step's experts; the others send no admission
+    self._plans = strategy.name in ("oracle", "noisy_oracle")
+    self._no_plan = put(device_cache.Admission(
+        device_cache.use_offsets([], cfg.n_layers, cfg.n_experts), _padded([]), _padded([]), ()))
+    self._pending = self._no_plan
     if strategy.resident:
       self._load_everything()
 
@@ -195,42 +206,36 @@ class ProgramEngine:
   def _run(self, kv, tokens, pos, step, key, temperature, next_step: int) -> StepOut:
     """Dispatch one step with the copies issued for it; first issue those of `next_step` (the
     strategy's step numbering: 0 is the prompt), so that they overlap this step."""
-    uses, touch, fill, buffers = self._pending
-    self._pending = self._issue_plan(next_step)
+    plan, self._pending = self._pending, self._issue_plan(next_step)
     out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
                 self._head_leaves, self._layer_leaves, self._views, self._pools, self._state, kv, tokens,
-                pos, step, key, uses, touch, fill, buffers)
+                pos, step, key, plan)
     self._pools, self._state = out.pools, out.state
     return out
 
-  def _issue_plan(self, step: int, copy: bool = True) -> tuple:
-    """(planned uses, touch keys, fill keys, copies in flight) for the strategy's `step`: the uses of
-    that step and the strategy's later ones (for `predicted` eviction), and copies of the planned
-    experts the host last saw uncached, issued now (H2D copies overlap only compute dispatched after
-    them). Key counts are bucketed to powers of two, so few programs compile."""
+  def _issue_plan(self, step: int, copy: bool = True) -> device_cache.Admission:
+    """The admission of the strategy's `step`: the uses of that step and of the strategy's later ones
+    (for `predicted` eviction), and copies of its planned experts that the host last saw uncached,
+    issued now (H2D copies overlap only compute dispatched after them). Key counts are bucketed to
+    powers of two, so few programs compile; a strategy without plans sends nothing per step."""
     cfg = self.cfg
-    plan = None
-    if self.strategy.name in ("oracle", "noisy_oracle"):
-      plan = self.strategy.plan_step(None, 1, step, self.n_slots, cfg.n_layers)
+    if not self._plans:
+      return self._no_plan
+    plan = self.strategy.plan_step(None, 1, step, self.n_slots, cfg.n_layers)
     offsets = device_cache.use_offsets([plan or []] + list(self.strategy.future(step)),
                                        cfg.n_layers, cfg.n_experts)
     keys = [(layer, e) for layer, experts in enumerate(plan or []) for e in experts][:self.n_slots]
     keys = keys if copy else []
     fills = [k for k in keys if self._cached[k] < 0]
-    # fills pair with buffers one to one: their keys are not padded
-    buffers = jax.device_put([self.store.buffer(*k) for k in fills], self._sharding) if fills else []
     now = time.perf_counter()
     self._copies += [CopyRecord(layer, e, step, "prefetch", self.store.expert_bytes, now)
                      for layer, e in fills]
-    return (jax.device_put(offsets, self._sharding), self._keys(keys), self._keys(fills, len(buffers)),
-            tuple(buffers))
-
-  def _keys(self, keys: list[tuple[int, int]], size: int | None = None) -> jax.Array:
-    if size is None:
-      size = 0 if not keys else 1 << (len(keys) - 1).bit_length()
-    padded = np.full((size, 2), -1, np.int32)
-    padded[:len(keys)] = np.asarray(keys, np.int32).reshape(-1, 2)
-    return jax.device_put(padded, self._sharding)
+    # one transfer for the small arrays and the copies; fill keys pair with the copies one to one,
+    # padded to a power of two with rows of -1 (their copy: the first one again, never written)
+    small = (offsets, _padded(keys), _padded(fills))
+    small, buffers = jax.device_put((small, [self.store.buffer(*k) for k in fills]), self._sharding)
+    buffers += buffers[:1] * (len(small[2]) - len(buffers))
+    return device_cache.Admission(*small, tuple(buffers))
 
   def _check_budget(self, batch: int, length: int):
     """Every expert one layer of the prompt can route must fit the cache at once."""
