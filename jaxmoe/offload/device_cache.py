@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.offload.cache import POLICIES
 from jaxmoe.offload.store import MatrixSlice
 from pallas_kernels import expert_fetch
 
-POLICIES = ("lru", "lfu", "predicted")
 NEVER = np.int32(2**30)  # a next use that is not planned
 
 
