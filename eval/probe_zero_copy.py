@@ -64,7 +64,6 @@ def probe_copy(sizes_mb: list[float], n_experts: int = 4) -> list[dict]:
     rows.append({"mb": nbytes / 2**20, "dma_gbs": nbytes / dma / 1e9, "view_gather_gbs": nbytes / via_view / 1e9,
                  "view_reduce_gbs": nbytes / red / 1e9, "both_at_once_gbs": 2 * nbytes / both / 1e9,
                  "dma_ms": dma * 1e3, "view_gather_ms": via_view * 1e3, "exact": exact})
-    del view, layer, single
   return rows
 
 
@@ -99,7 +98,6 @@ def probe_kernels(shapes: dict[str, tuple[int, int, int, int]]) -> list[dict]:
                      "view_gbs": k * expert_bytes / t_view / 1e9})
       except Exception as err:  # a kernel that cannot take this shape, or host memory
         rows.append({"shape": name, "impl": impl, "error": f"{type(err).__name__}: {str(err)[:300]}"})
-    del views, host, dev
   return rows
 
 

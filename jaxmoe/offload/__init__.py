@@ -2,7 +2,8 @@
 prefetch driven by pluggable strategies, and an exact layer-by-layer engine."""
 
 from jaxmoe.offload.cache import CopyRecord, ExpertCache
-from jaxmoe.offload.engine import OffloadEngine, OffloadStats
+from jaxmoe.offload.engine import OffloadEngine
+from jaxmoe.offload.stats import OffloadStats
 from jaxmoe.offload.parallel import ExpertParallelEngine, ParallelStats
 from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore

@@ -25,137 +25,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxmoe import moe
 from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import strategies
 from jaxmoe.offload.cache import CopyRecord, ExpertCache, resident_pools, resolve, unpack_into
+from jaxmoe.offload.layers import (Structure, attend_route, embed, expert_rows, finish, last_logits,
+                                   layer_ffn, split_model)
 from jaxmoe.offload.prefetch import Prefetcher
+from jaxmoe.offload.stats import OffloadStats
 from jaxmoe.offload.store import ExpertStore, device_sharding
-
-
-# ---------------------------------------------------------------- module state as flat arrays
-
-class Structure:
-  """A module's graph and its state's tree structure: one static jit argument, hashed once.
-
-  The jitted functions below take a module's state as a flat tuple of arrays plus its `Structure`.
-  JAX flattens a tuple of arrays without Python; an nnx `State` argument (and hashing a `GraphDef`)
-  costs Python work on every call, ~4 ms per decode token of a 12-layer model on the CPU. The part of
-  the state held elsewhere (a layer's expert weights; the head's layers) is no argument at all: it is
-  rebuilt inside the jitted function as zero-size arrays. Every array argument costs dispatch time (on
-  the H200 ~1 us each: the head with the layers' 120 placeholders as arguments took 150 us to
-  dispatch, a one-argument function 46 us)."""
-
-  def __init__(self, graphdef, left_out, treedef):
-    self.graphdef, self.left_out, self.treedef = graphdef, left_out, treedef
-    self._hash = hash((graphdef, left_out, treedef))
-
-  @classmethod
-  def of(cls, graphdef, left_out, kept) -> tuple["Structure", tuple]:
-    """-> (structure, leaves of `kept`) of a module split into `graphdef`, `left_out` and `kept` (in
-    `nnx.split`'s order). Equal structures are one object, so a jit cache lookup compares them by
-    identity, not graph by graph."""
-    empty, empty_def = jax.tree.flatten(left_out)
-    leaves, treedef = jax.tree.flatten(kept)
-    structure = cls(graphdef, (empty_def, tuple(np.dtype(a.dtype) for a in empty)), treedef)
-    return _STRUCTURES.setdefault(structure, structure), tuple(leaves)
-
-  def merge(self, leaves):
-    empty_def, dtypes = self.left_out
-    empty = jax.tree.unflatten(empty_def, [jnp.zeros((0,), dtype) for dtype in dtypes])
-    return nnx.merge(self.graphdef, empty, jax.tree.unflatten(self.treedef, leaves))
-
-  def __hash__(self):
-    return self._hash
-
-  def __eq__(self, other):
-    return self is other or (isinstance(other, Structure) and self._hash == other._hash
-                             and (self.graphdef, self.left_out, self.treedef)
-                             == (other.graphdef, other.left_out, other.treedef))
-
-
-_STRUCTURES: dict[Structure, Structure] = {}
-
-
-def _is_expert_weight(path, _value) -> bool:
-  return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("w_gate", "w_up", "w_down")
-
-
-def _is_layer(path, _value) -> bool:
-  return path[0] == "layers"
-
-
-def split_model(model: MoELM, put) -> tuple[Structure, tuple, Structure, list[tuple]]:
-  """The model without its expert weights as flat leaves placed by `put`: (head structure, head
-  leaves, layer structure, [per-layer leaves])."""
-  head_graph, layers_state, head = nnx.split(model, _is_layer, ...)
-  head_structure, head_leaves = Structure.of(head_graph, layers_state, head)
-  layer_leaves = []
-  for layer in model.layers:
-    graph, experts, rest = nnx.split(layer, _is_expert_weight, ...)
-    layer_structure, leaves = Structure.of(graph, experts, rest)
-    layer_leaves.append(put(leaves))
-  return head_structure, put(head_leaves), layer_structure, layer_leaves
-
-
-# ---------------------------------------------------------------- jitted per-layer functions
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(head: Structure, leaves, tokens):
-  return head.merge(leaves).embed_tokens(tokens)  # [B, T, D]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _last_logits(head: Structure, leaves, x):
-  return head.merge(leaves).logits(x)[:, -1]  # [B, V] f32
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnames="layer_cache")
-def _attend_route(structure: Structure, leaves, speculative, x, positions, layer_cache, pos):
-  """Attention and router of one layer; also the routers of later layers (`speculative`: their
-  leaves) on this layer's hidden state. -> x [B, T, D], h [B*T, D], experts [B*T, k],
-  weights [B*T, k], layer cache, speculated experts [depth, B*T, k]."""
-  layer = structure.merge(leaves)
-  x, layer_cache = layer.attend(x, positions, layer_cache, pos)
-  b, t, d = x.shape
-  h = layer.ffn_norm(x).reshape(b * t, d)
-  r = layer.moe.route(h)
-  guesses = []
-  for later in speculative:
-    ahead = structure.merge(later)
-    guesses.append(ahead.moe.route(ahead.ffn_norm(x).reshape(b * t, d)).experts)
-  speculated = jnp.stack(guesses) if guesses else jnp.zeros((0, b * t, r.experts.shape[1]), jnp.int32)
-  return x, h, r.experts, r.weights, layer_cache, speculated
-
-
-def _expert_rows(cfg, pools, rhs_index, h, experts):
-  if isinstance(rhs_index, tuple):  # device scalars (`ExpertCache.land` / `settle`)
-    rhs_index = jnp.stack(rhs_index)
-  d = moe.dispatch(experts, cfg.n_experts)
-  return d, moe.expert_ffn(h[d.token_of_row], pools, d.group_sizes, cfg.activation,
-                           rhs_index=rhs_index, impl=cfg.kernel_impl)
-
-
-def _finish(layer, y_rows, d, weights, h, x):
-  """combine + shared expert + residual, in the model's order of operations."""
-  y = moe.combine(y_rows, d, weights) + layer.moe.shared(h)
-  return x + y.reshape(x.shape)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _layer_ffn(structure: Structure, leaves, pools, rhs_index, h, x, experts, weights):
-  """The MoE FFN of one layer on pools {name: [S, ...]} (group e reads slot rhs_index[e])."""
-  layer = structure.merge(leaves)
-  d, y_rows = _expert_rows(layer.moe.cfg, pools, rhs_index, h, experts)
-  return _finish(layer, y_rows, d, weights, h, x)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
@@ -166,8 +50,8 @@ def _scheduled_ffn(structure: Structure, layout, leaves, pools, buffers, slots, 
   small crosses to the device. -> (x, pools)."""
   pools = unpack_into(layout, pools, buffers, slots)
   layer = structure.merge(leaves)
-  d, y_rows = _expert_rows(layer.moe.cfg, pools, rhs_index, h, experts)
-  return _finish(layer, y_rows, d, weights, h, x), pools
+  d, y_rows = expert_rows(layer.moe.cfg, pools, rhs_index, h, experts)
+  return finish(layer, y_rows, d, weights, h, x), pools
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 7))
@@ -177,7 +61,7 @@ def _speculated_layer(structure: Structure, layout, leaves, pools, buffers, slot
   slots, its MoE FFN on the pools (half the calls of `_attend_route` + `_scheduled_ffn`; on the H200
   each call held the host 0.2-0.35 ms while a layer's decode compute takes ~0.3 ms).
   -> (x out, pools, layer cache, and for a redo: x after attention, h, experts, weights)."""
-  x, h, experts, weights, layer_cache, _ = _attend_route(structure, leaves, (), x, positions,
+  x, h, experts, weights, layer_cache, _ = attend_route(structure, leaves, (), x, positions,
                                                         layer_cache, pos)
   out, pools = _scheduled_ffn(structure, layout, leaves, pools, buffers, slots, rhs_index, h, x,
                               experts, weights)
@@ -189,7 +73,7 @@ def _chunk_rows(structure: Structure, leaves, pools, rhs_index, in_chunk, h, exp
   """Expert rows of the experts in `in_chunk` [E] (the others keep y_rows [B*T*k, D]): a layer whose
   routed experts do not fit in the cache at once runs in chunks."""
   cfg = structure.merge(leaves).moe.cfg
-  d, new_rows = _expert_rows(cfg, pools, rhs_index, h, experts)
+  d, new_rows = expert_rows(cfg, pools, rhs_index, h, experts)
   keep = in_chunk[experts.reshape(-1)[d.order]]
   return jnp.where(keep[:, None], new_rows, y_rows)
 
@@ -197,7 +81,7 @@ def _chunk_rows(structure: Structure, leaves, pools, rhs_index, in_chunk, h, exp
 @functools.partial(jax.jit, static_argnums=0)
 def _layer_finish(structure: Structure, leaves, y_rows, h, x, experts, weights):
   layer = structure.merge(leaves)
-  return _finish(layer, y_rows, moe.dispatch(experts, layer.moe.cfg.n_experts), weights, h, x)
+  return finish(layer, y_rows, moe.dispatch(experts, layer.moe.cfg.n_experts), weights, h, x)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames="kv")
@@ -205,79 +89,15 @@ def _resident_step(head: Structure, structure: Structure, head_leaves, layer_lea
                    tokens, positions, pos):
   """A whole step of the `resident` strategy in one program (every expert on the device, nothing to
   decide on the host between layers): -> (last logits [B, V], KV caches, per-layer experts)."""
-  x = _embed(head, head_leaves, tokens)
+  x = embed(head, head_leaves, tokens)
   routed, new_kv = [], []
   for leaves, layer_pools, layer_cache in zip(layer_leaves, pools, kv):
-    x, h, experts, weights, layer_cache, _ = _attend_route(structure, leaves, (), x, positions,
+    x, h, experts, weights, layer_cache, _ = attend_route(structure, leaves, (), x, positions,
                                                           layer_cache, pos)
-    x = _layer_ffn(structure, leaves, layer_pools, None, h, x, experts, weights)
+    x = layer_ffn(structure, leaves, layer_pools, None, h, x, experts, weights)
     routed.append(experts)
     new_kv.append(layer_cache)
-  return _last_logits(head, head_leaves, x), new_kv, routed
-
-
-# ---------------------------------------------------------------- statistics
-
-@dataclasses.dataclass
-class OffloadStats:
-  """What one request cost. Times in seconds; copy times relative to the request's start."""
-
-  ttft_s: float = 0.0  # prompt in -> first token on the host
-  token_latencies_s: list[float] = dataclasses.field(default_factory=list)  # per decoded token
-  e2e_s: float = 0.0  # whole request
-  n_generated: int = 0  # tokens generated per sequence
-  batch: int = 0
-  hits: list[int] = dataclasses.field(default_factory=list)  # [L] routed experts found cached
-  misses: list[int] = dataclasses.field(default_factory=list)  # [L] routed experts fetched on demand
-  # [L] waits for copies: the host's, or (FFN dispatched with its copies in flight) from the dispatch
-  # until the last of them landed, by the copy watcher's time stamps
-  stall_s: list[float] = dataclasses.field(default_factory=list)
-  copies: list[CopyRecord] = dataclasses.field(default_factory=list)  # issue/ready, this request
-  host_read_bytes: int = 0  # experts read straight from host memory by compiled steps (ProgramEngine)
-  step_read_bytes: list[int] = dataclasses.field(default_factory=list)  # the same, per step
-  routing: list[list[list[int]]] = dataclasses.field(default_factory=list)  # [step][layer] experts
-  redone: int = 0  # steps redone from a speculated layer that lacked a routed expert
-  speculated: int = 0  # layers computed on the plan before their routing was read (and found right)
-  logits: np.ndarray | None = None  # [B, N, V] f32 of the generated tokens
-  start_s: float = 0.0  # perf_counter at the request's start
-
-  @property
-  def tpot_s(self) -> float:
-    """Mean time per output token after the first."""
-    return float(np.mean(self.token_latencies_s)) if self.token_latencies_s else 0.0
-
-  @property
-  def tokens_per_s(self) -> float:
-    return self.batch * self.n_generated / self.e2e_s if self.e2e_s else 0.0
-
-  @property
-  def bytes_copied(self) -> int:
-    """Expert bytes that crossed to the device: copies, and reads of host memory (always used)."""
-    return sum(c.nbytes for c in self.copies) + self.host_read_bytes
-
-  @property
-  def bytes_useful(self) -> int:
-    return sum(c.nbytes for c in self.copies if c.used) + self.host_read_bytes
-
-  @property
-  def bytes_wasted(self) -> int:
-    return self.bytes_copied - self.bytes_useful
-
-  def timeline(self) -> list[dict[str, Any]]:
-    """Per copy: layer, expert, step, reason, issue and ready time since the request started."""
-    return [{"layer": c.layer, "expert": c.expert, "step": c.step, "reason": c.reason,
-             "issue_s": c.issue_s - self.start_s,
-             "ready_s": None if c.ready_s is None else c.ready_s - self.start_s, "used": c.used}
-            for c in self.copies]
-
-  def summary(self) -> dict[str, Any]:
-    """JSON-ready numbers (no logits, no per-copy timeline)."""
-    return {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s,
-            "tokens_per_s": self.tokens_per_s, "bytes_copied": self.bytes_copied,
-            "bytes_useful": self.bytes_useful, "bytes_wasted": self.bytes_wasted,
-            "hits": list(self.hits), "misses": list(self.misses), "stall_s": list(self.stall_s),
-            "n_copies": len(self.copies), "redone": self.redone,
-            "speculated": self.speculated}
+  return last_logits(head, head_leaves, x), new_kv, routed
 
 
 # ---------------------------------------------------------------- the engine
@@ -485,7 +305,7 @@ class OffloadEngine:
     # one host-to-device call per step for the small inputs every layer shares, before the step's
     # prefetch copies (which it would otherwise queue behind)
     pos, positions, tokens = self._host_inputs(*host)
-    x = _embed(self._head, self._head_leaves, tokens)
+    x = embed(self._head, self._head_leaves, tokens)
     routed = []
     layer = 0
     while layer < cfg.n_layers:
@@ -496,7 +316,7 @@ class OffloadEngine:
         prefetcher.issue_deferred()
       depth = self.strategy.speculation_depth
       ahead = tuple(self._layer_leaves[layer + 1:layer + 1 + depth])
-      x, h, experts, weights, self._kv[layer], speculated = _attend_route(
+      x, h, experts, weights, self._kv[layer], speculated = attend_route(
           self._layer, self._layer_leaves[layer], ahead, x, positions, self._kv[layer], pos)
       if self._resident is not None:
         x = self._resident_ffn(layer, h, x, experts, weights)
@@ -504,7 +324,7 @@ class OffloadEngine:
       else:
         x = self._offloaded_ffn(layer, x, h, experts, weights, speculated)
       layer += 1
-    logits = _last_logits(self._head, self._head_leaves, x)
+    logits = last_logits(self._head, self._head_leaves, x)
     if self._resident is not None:
       self._record_resident_routing(routed)
     self._count_stalls()
@@ -623,7 +443,7 @@ class OffloadEngine:
     self._prefetch(first_layer=0)
 
   def _resident_ffn(self, layer: int, h, x, experts, weights):
-    return _layer_ffn(self._layer, self._layer_leaves[layer], self._resident[layer], None, h, x,
+    return layer_ffn(self._layer, self._layer_leaves[layer], self._resident[layer], None, h, x,
                       experts, weights)
 
   def _record_resident_routing(self, routed):

@@ -41,7 +41,9 @@ from jaxmoe import moe
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import strategies
 from jaxmoe.offload.cache import CopyRecord, ExpertCache
-from jaxmoe.offload.engine import OffloadEngine, OffloadStats, Structure, split_model
+from jaxmoe.offload.engine import OffloadEngine
+from jaxmoe.offload.layers import Structure, split_model
+from jaxmoe.offload.stats import OffloadStats
 from jaxmoe.offload.prefetch import Prefetcher
 from jaxmoe.offload.store import ExpertStore, device_sharding, host_sharding, unpack
 

@@ -22,7 +22,8 @@ from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import device_cache, strategies
 from jaxmoe.offload.cache import CopyRecord, empty_pools, write_slots
-from jaxmoe.offload.engine import OffloadStats, _attend_route, _embed, _last_logits, _layer_ffn, split_model
+from jaxmoe.offload.layers import attend_route, embed, last_logits, layer_ffn, split_model
+from jaxmoe.offload.stats import OffloadStats
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
 SUPPORTED = ("resident", "on_demand", "lru", "lfu", "oracle", "noisy_oracle")
@@ -53,10 +54,10 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
   state, pools = device_cache.admit_plan(state, pools, plan, layout=layout, policy=policy, impl=impl)
   b, t = tokens.shape
   positions = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (b, t))
-  x = _embed(head, head_leaves, tokens)
+  x = embed(head, head_leaves, tokens)
   hits, misses, routed, new_kv = [], [], [], []
   for layer, (leaves, view, layer_cache) in enumerate(zip(layer_leaves, views, kv)):
-    x, h, experts, weights, layer_cache, _ = _attend_route(structure, leaves, (), x, positions,
+    x, h, experts, weights, layer_cache, _ = attend_route(structure, leaves, (), x, positions,
                                                           layer_cache, pos)
     if policy == "resident":  # every expert in slot layer * E + expert: nothing to decide
       n_experts = state.table.shape[1]
@@ -66,12 +67,12 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
     else:
       state, pools, rhs_index, hit, miss, ids = device_cache.serve_layer(
           state, pools, view, layer, experts, layout=layout, policy=policy, keep=keep, impl=impl)
-    x = _layer_ffn(structure, leaves, pools, rhs_index, h, x, experts, weights)
+    x = layer_ffn(structure, leaves, pools, rhs_index, h, x, experts, weights)
     hits.append(hit)
     misses.append(miss)
     routed.append(ids)
     new_kv.append(layer_cache)
-  logits = _last_logits(head, head_leaves, x)
+  logits = last_logits(head, head_leaves, x)
   token = select_token(logits, temperature, None if temperature == 0.0 else jax.random.fold_in(key, step))
   return StepOut(token, logits, tuple(new_kv), pools, state, jnp.stack(hits), jnp.stack(misses),
                  tuple(routed), pos + t, step + 1, state.table + 0)

@@ -11,7 +11,6 @@ import time
 from typing import Iterable, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxmoe import config, generate as gen, model as model_lib
-from jaxmoe.offload import ExpertStore, device_cache, strategies
+from jaxmoe.offload import device_cache, strategies
 from jaxmoe.offload.hostview import device_view
 from jaxmoe.offload.program import SUPPORTED, ProgramEngine
 from jaxmoe.offload.store import expert_layout, host_sharding
