@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval import cli
 from jaxmoe import config, generate as gen, model as model_lib
 from jaxmoe.offload import ExpertStore, OffloadEngine, strategies
 from jaxmoe.offload.program import ProgramEngine
@@ -142,23 +143,21 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--presets", default="gpu,olmoe_shaped,mixtral_shaped",
                  help="comma-separated model presets (random weights)")
-  p.add_argument("--layers", type=int, default=None,
+  p.add_argument("--layers", type=cli.positive_int, default=None,
                  help="override every preset's layer count (default: gpu 12, olmoe_shaped 8, mixtral 8)")
-  p.add_argument("--mixtral-layers", type=int, default=4, help="layers of mixtral_shaped (host memory)")
-  p.add_argument("--cache-fraction", type=float, default=0.25, help="device expert cache / all experts")
-  p.add_argument("--prompt-lengths", default="16,256", help="comma-separated prompt lengths (TTFT)")
-  p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request")
-  p.add_argument("--repeats", type=int, default=3, help="timed cold-cache requests (median reported)")
+  p.add_argument("--mixtral-layers", type=cli.positive_int, default=4, help="layers of mixtral_shaped (host memory)")
+  p.add_argument("--cache-fraction", type=cli.fraction, default=0.25,
+                 help="device expert cache / all experts' bytes")
+  p.add_argument("--prompt-lengths", type=cli.positive_int_list, default=(16, 256),
+                 help="comma-separated prompt lengths (TTFT)")
+  p.add_argument("--new-tokens", type=cli.int_at_least(2), default=16, help="tokens generated per request")
+  p.add_argument("--repeats", type=cli.positive_int, default=3,
+                 help="timed cold-cache requests (median reported)")
   p.add_argument("--engines", default="v2,v1", help="v2 (ProgramEngine) and/or v1 (OffloadEngine)")
   p.add_argument("--strategies", default="resident,on_demand,lru,oracle", help="comma-separated")
   p.add_argument("--out", default="runs/bench/bench_program", help="directory for results.json, table.md")
   a = p.parse_args(argv)
-  if not 0 < a.cache_fraction <= 1:
-    p.error(f"--cache-fraction must lie in (0, 1], got {a.cache_fraction}")
-  try:
-    lengths = [int(x) for x in a.prompt_lengths.split(",")]
-  except ValueError:
-    p.error(f"--prompt-lengths must be comma-separated integers, got {a.prompt_lengths!r}")
+  lengths = list(a.prompt_lengths)
   results = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind,
              "command": " ".join(["python -m eval.bench_program", *(argv or sys.argv[1:])]), "presets": []}
   print(HEADER)

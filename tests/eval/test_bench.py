@@ -99,3 +99,14 @@ def test_bench_parallel_cpu_smoke(tmp_path, docs_untouched):
   assert written["devices"] == 2 and [row["strategy"] for row in written["rows"]] == ["lru"]
   assert written["rows"][0]["parallel"]["tpot_s"] > 0
   assert "| lru | 8 |" in table
+
+
+def test_bench_program_cpu_smoke_is_exact(tmp_path):
+  from eval import bench_program
+  assert bench_program.main(["--presets", "tiny", "--new-tokens", "3", "--prompt-lengths", "8",
+                             "--repeats", "1", "--strategies", "resident,lru", "--out", str(tmp_path)]) == 0
+  rows = json.loads((tmp_path / "results.json").read_text())["presets"][0]["rows"]
+  assert {(r["engine"], r["strategy"]) for r in rows} == {(e, s) for e in ("v2", "v1")
+                                                           for s in ("resident", "lru")}
+  assert all(r["tokens_equal"] and "error" not in r for r in rows)
+  assert (tmp_path / "table.md").read_text().count("tiny") == 4
