@@ -393,6 +393,9 @@ def stage_analytic(res: dict[str, Any], cfg, new_tokens: int) -> None:
     cost = analytic.StepCost(base["tpot_s"], (total_bytes - on_demand) / steps, on_demand / steps, bw)
     r["predicted_tpot_s"] = cost.predicted_s
     r["pcie_bound_tpot_s"] = cost.pcie_bound_s
+    # what prefetching could do with this row's bytes: hide them behind the compute, remove none
+    r["compute_tpot_s"], r["transfer_tpot_s"] = base["tpot_s"], total_bytes / steps / bw
+    r["prefetch_gain_bound"] = analytic.prefetch_gain_bound(base["tpot_s"], r["transfer_tpot_s"])
     r["model_gap"] = analytic.explain_gap(r["tpot_s"], cost.predicted_s, copies / steps, cfg.n_layers)
   # TTFT bound (shortest prompt, cold cache): the resident prefill plus the prefill's routed experts
   # crossing the link once at the measured bandwidth.

@@ -66,6 +66,26 @@ def predictor_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def physics_section(results: dict[str, Any]) -> list[str]:
+  """Each strategy against what prefetching can reach with the bytes it moved: a prefetch only hides
+  copies behind compute (C + T on demand, max(C, T) at best), only a cache that moves fewer bytes
+  removes them."""
+  rows = [r for r in results["strategies"] if r.get("transfer_tpot_s") is not None]
+  if not rows:
+    return []
+  out = ["Physics: per token the compute C is the all-resident step; T = the bytes the strategy moved "
+         "per token / the measured bandwidth. Loading them on demand costs C + T; the best prefetch of "
+         "the same bytes, max(C, T): a gain of at most (C + T) / max(C, T). Fewer bytes (better "
+         "caching) is the only other gain.", "",
+         "| strategy | MiB / token | T ms | C + T ms | max(C, T) ms | measured ms | prefetch gain bound |",
+         "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    c, t = r["compute_tpot_s"], r["transfer_tpot_s"]
+    out.append(f"| {r['name']} | {_mb(t * results['bandwidth_bytes_per_s'])} | {_ms(t)} | {_ms(c + t)} | "
+               f"{_ms(max(c, t))} | {_ms(r['tpot_s'])} | {r['prefetch_gain_bound']:.2f}x |")
+  return out + [""]
+
+
 def summary_table(results: dict[str, Any]) -> str:
   """A short fixed-width table for the terminal."""
   lines = [f"TTFT: time to first token of the {ttft_prompt(results)}; tok ms: per decode step after it",
@@ -146,6 +166,7 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
   else:
     out += ["Copy/compute overlap: no profiler trace on this backend (the GPU run reports it).", ""]
 
+  out += physics_section(results)
   out += ["## 3. Accuracy -> speedup", ""]
   sweep = results.get("noisy_oracle_sweep") or []
   if sweep and "on_demand" in rows:

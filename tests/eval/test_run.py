@@ -35,10 +35,15 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
   assert "oracle" not in results["targets"][3]["target"]
   for r in results["strategies"]:
     assert r["ttft_bound_s"] >= rows["resident"]["ttft_s"]
+    c, t = r["compute_tpot_s"], r["transfer_tpot_s"]  # the physics: (C + T) / max(C, T) in [1, 2]
+    assert r["prefetch_gain_bound"] == pytest.approx((c + t) / max(c, t))
+    assert 1.0 <= r["prefetch_gain_bound"] <= 2.0
+  assert rows["resident"]["prefetch_gain_bound"] == 1.0  # nothing moved, nothing to hide
   families = {p["family"] for p in results["predictors"]}
   assert {"popularity", "next_gate", "token_mlp", "context", "cross_layer"} <= families
   report = (out / "report.md").read_text()
-  for section in ("1. Which predictor", "2. Time per strategy", "3. Accuracy", "4. Quality"):
+  for section in ("1. Which predictor", "2. Time per strategy", "prefetch gain bound", "3. Accuracy",
+                  "4. Quality"):
     assert section in report
   assert (out / "latency.png").stat().st_size > 0 and (out / "speedup_vs_recall.png").exists()
   # a second run reuses the trained model, traces and predictors; timings are medians over repeats
