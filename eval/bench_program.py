@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import analytic, cli
+from eval import analytic, cli, pipeline
 from jaxmoe import config, generate as gen, model as model_lib
 from jaxmoe.offload import ExpertStore, OffloadEngine, strategies
 from jaxmoe.offload.program import ProgramEngine
@@ -56,13 +56,8 @@ def plain_decode(model, prompt_len: int, repeats: int = 20) -> dict:
 
 
 def _request(engine, prompt, new_tokens: int, repeats: int):
-  """Median-TPOT request of `repeats` cold-cache requests after a warm-up one."""
-  engine.generate(prompt, new_tokens)
-  runs = []
-  for _ in range(repeats):
-    engine.reset_cache()
-    runs.append(engine.generate(prompt, new_tokens))
-  runs.sort(key=lambda r: r[1].tpot_s)
+  """The median-TPOT request of the main job's timed cold-cache requests, and the median TTFT."""
+  runs = pipeline.timed_requests(engine, prompt, new_tokens, repeats)
   return runs[(len(runs) - 1) // 2], float(np.median([st.ttft_s for _, st in runs]))
 
 

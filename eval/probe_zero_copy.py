@@ -28,9 +28,6 @@ import numpy as np
 from jaxmoe.offload.hostview import device_view
 from jaxmoe.offload.store import device_sharding, host_sharding
 
-HBM_BYTES_PER_S = 4.3e12  # H200 device-to-device copy, read + write (measured)
-
-
 def _time(fn, repeats: int = 5) -> float:
   """Best wall seconds of fn() (which must block), after one warm-up call."""
   fn()
@@ -102,29 +99,18 @@ def probe_kernels(shapes: dict[str, tuple[int, int, int, int]]) -> list[dict]:
 
 
 def probe_decode(preset: str) -> dict:
-  from jaxmoe import config, generate, model as model_lib
-  from flax import nnx
-  cfg = config.preset(preset)
+  """`eval.bench_program.plain_decode` of a random-weight preset, with the roofline of the bytes one
+  token reads (attention, the routed experts, KV) beside the one of every weight."""
   import dataclasses
-  cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype)
-  model = model_lib.create(cfg, 0)
-  graphdef, state = nnx.split(model)
-  cache = model_lib.init_cache(cfg, 1)
-  tokens = jnp.zeros((1, 16), jnp.int32)
-  _, cache = generate._forward(graphdef, state, tokens, cache)
-  one = jnp.zeros((1, 1), jnp.int32)
-
-  def step():
-    logits, _ = generate._forward(graphdef, state, one, cache)
-    logits.block_until_ready()
-  t = _time(step, repeats=20)
-  weights = sum(x.nbytes for x in jax.tree.leaves(state))
-  kv = sum(x.nbytes for x in jax.tree.leaves(cache))
+  from eval.bench_program import HBM_BYTES_PER_S, plain_decode
+  from jaxmoe import config, model as model_lib
+  cfg = config.preset(preset)
+  r = plain_decode(model_lib.create(dataclasses.replace(cfg, param_dtype=cfg.dtype), 0), 16)
   experts = cfg.n_layers * cfg.n_experts * cfg.expert_bytes
-  active = weights - experts + cfg.n_layers * cfg.top_k * cfg.expert_bytes
-  return {"preset": preset, "decode_ms": t * 1e3, "weight_bytes": weights, "kv_bytes": kv,
-          "active_bytes": active, "roofline_all_ms": (weights + kv) / HBM_BYTES_PER_S * 1e3,
-          "roofline_active_ms": (active + kv) / HBM_BYTES_PER_S * 1e3}
+  active = r["weight_bytes"] - experts + cfg.n_layers * cfg.top_k * cfg.expert_bytes
+  return {"preset": preset, "decode_ms": r["plain_decode_s"] * 1e3, "weight_bytes": r["weight_bytes"],
+          "kv_bytes": r["kv_bytes"], "active_bytes": active, "roofline_all_ms": r["roofline_s"] * 1e3,
+          "roofline_active_ms": (active + r["kv_bytes"]) / HBM_BYTES_PER_S * 1e3}
 
 
 def main(argv=None) -> int:

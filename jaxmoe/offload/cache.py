@@ -117,6 +117,15 @@ def resident_pools(store: ExpertStore, device: jax.Device | None = None) -> list
   return out
 
 
+def slot_count(cache_bytes: int, expert_bytes: int, top_k: int) -> int:
+  """Slots a budget holds; a clear error if one token's top_k experts of a layer do not fit."""
+  n = int(cache_bytes) // expert_bytes
+  if n < top_k:
+    raise ValueError(f"cache_bytes={cache_bytes} holds {n} experts of {expert_bytes} bytes, but one "
+                     f"token's top_k={top_k} experts must fit: give at least {top_k * expert_bytes} bytes")
+  return n
+
+
 class ExpertCache:
   """`n_slots = cache_bytes // expert_bytes` device slots shared by all layers."""
 
@@ -125,12 +134,7 @@ class ExpertCache:
     cfg = store.cfg
     if policy not in POLICIES:
       raise ValueError(f"eviction policy must be one of {POLICIES}, got {policy!r}")
-    n_slots = int(cache_bytes) // store.expert_bytes
-    if n_slots < cfg.top_k:
-      raise ValueError(
-          f"cache_bytes={cache_bytes} holds {n_slots} experts of {store.expert_bytes} bytes, but one "
-          f"token's top_k={cfg.top_k} experts must fit: give at least {cfg.top_k * store.expert_bytes} "
-          f"bytes")
+    n_slots = slot_count(cache_bytes, store.expert_bytes, cfg.top_k)
     self.store = store
     self.policy = policy
     self.n_slots = n_slots

@@ -204,15 +204,6 @@ def admit(state: CacheState, pools, touch_keys: jax.Array, fill_keys: jax.Array,
   return state, pools
 
 
-def slot_count(cache_bytes: int, expert_bytes: int, needed: int) -> int:
-  """Slots a budget holds; a clear error if fewer than the `needed` experts one layer can route."""
-  n = int(cache_bytes) // expert_bytes
-  if n < needed:
-    raise ValueError(f"cache_bytes={cache_bytes} holds {n} experts of {expert_bytes} bytes, but one "
-                     f"layer can route {needed}: give at least {needed * expert_bytes} bytes")
-  return n
-
-
 def cached_experts(table: np.ndarray) -> list[list[int]]:
   """Host copy of `CacheState.table` [L, E] -> per layer the cached expert ids."""
   return [np.flatnonzero(row >= 0).tolist() for row in np.asarray(table)]

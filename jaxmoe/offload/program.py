@@ -21,7 +21,7 @@ import numpy as np
 from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
 from jaxmoe.offload import device_cache, strategies
-from jaxmoe.offload.cache import CopyRecord, empty_pools, write_slots
+from jaxmoe.offload.cache import CopyRecord, empty_pools, slot_count, write_slots
 from jaxmoe.offload.layers import attend_route, embed, last_logits, layer_ffn, split_model
 from jaxmoe.offload.stats import OffloadStats
 from jaxmoe.offload.store import ExpertStore, device_sharding
@@ -129,7 +129,7 @@ class ProgramEngine:
       cache_bytes = self.store.nbytes
     elif cache_bytes is None:
       raise ValueError(f"strategy {strategy.name!r} needs cache_bytes (the device expert budget)")
-    self.n_slots = device_cache.slot_count(cache_bytes, self.store.expert_bytes, cfg.top_k)
+    self.n_slots = slot_count(cache_bytes, self.store.expert_bytes, cfg.top_k)
     self._policy = "resident" if strategy.resident else strategy.eviction
     self._keep = strategy.keeps_experts
     self._pools = empty_pools(self.store, self.n_slots, device or self.store.device)
@@ -197,10 +197,6 @@ class ProgramEngine:
 
   def close(self):
     """Nothing runs in the background (kept for the engines' common interface)."""
-
-  def cached(self) -> list[list[int]]:
-    """Per layer, the experts the device cache holds now."""
-    return device_cache.cached_experts(np.asarray(self._state.table))
 
   # -------------------------------------------------------------- internals
 
