@@ -141,6 +141,7 @@ class ProgramEngine:
     self._no_plan = put(device_cache.Admission(
         device_cache.use_offsets([], cfg.n_layers, cfg.n_experts), _padded([]), _padded([]), ()))
     self._pending = self._no_plan
+    self._live, self._live_len = None, 0  # the request `prefill` started and its length
     if strategy.resident:
       self._load_everything()
 
@@ -155,13 +156,7 @@ class ProgramEngine:
     stats = OffloadStats(hits=[0] * cfg.n_layers, misses=[0] * cfg.n_layers,
                          stall_s=[0.0] * cfg.n_layers, batch=b, start_s=time.perf_counter())
     key = jax.random.key(seed)
-    self._copies = []
-    kv = tuple(jax.device_put(LayerCache(jnp.zeros_like(c.k), jnp.zeros_like(c.v)), self._sharding)
-               for c in init_cache(cfg, b).layers)
-    self._check_budget(b, t)
-    pos, step = jax.device_put((np.int32(0), np.int32(0)), self._sharding)
-    self._pending = self._issue_plan(0, copy=False)  # a prompt's misses are read in place
-    out = self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step=1)
+    out = self._start(prompt, key, temperature)
     steps = [self._read(out)]
     ready = [time.perf_counter()]
     stats.ttft_s = ready[0] - stats.start_s
@@ -180,6 +175,42 @@ class ProgramEngine:
     self._record(stats, steps)
     new = np.stack([s.token for s in steps], axis=1)
     return np.concatenate([prompt, new], axis=1), stats
+
+  def prefill(self, tokens) -> np.ndarray:
+    """Start a request with prompt tokens [B, T] (the cache as it is); -> the last position's logits
+    [B, V] f32. With `decode`, scores given continuations (teacher forcing) through the engine."""
+    cfg = self.cfg
+    prompt = check_prompt(tokens, 1, cfg.max_seq_len, cfg.vocab_size)
+    self._live = self._start(prompt, jax.random.key(0), 0.0)
+    self._live_len = prompt.shape[1]
+    return self._read(self._live).logits
+
+  def decode(self, tokens) -> np.ndarray:
+    """Feed one new token per sequence [B] after `prefill`; -> its logits [B, V] f32."""
+    if self._live is None:
+      raise ValueError("decode needs a request: call prefill first")
+    live, cfg = self._live, self.cfg
+    tokens = np.asarray(tokens, np.int32).reshape(-1, 1)
+    if tokens.shape[0] != live.token.shape[0]:
+      raise ValueError(f"decode needs {live.token.shape[0]} tokens (one per sequence), got {tokens.shape[0]}")
+    if self._live_len >= cfg.max_seq_len:
+      raise ValueError(f"the request holds {self._live_len} tokens, the model's max_seq_len")
+    # teacher-forced tokens are not the strategy's steps: no plans, misses are read in place
+    self._live = self._run(live.kv, jax.device_put(tokens, self._sharding), live.pos, live.step,
+                           jax.random.key(0), 0.0, next_step=None)
+    self._live_len += 1
+    return self._read(self._live).logits
+
+  def _start(self, prompt: np.ndarray, key, temperature: float) -> StepOut:
+    """Dispatch a request's prompt step over a fresh KV cache (the budget checked first)."""
+    b, t = prompt.shape
+    self._check_budget(b, t)
+    self._copies = []
+    kv = tuple(jax.device_put(LayerCache(jnp.zeros_like(c.k), jnp.zeros_like(c.v)), self._sharding)
+               for c in init_cache(self.cfg, b).layers)
+    pos, step = jax.device_put((np.int32(0), np.int32(0)), self._sharding)
+    self._pending = self._issue_plan(0, copy=False)  # a prompt's misses are read in place
+    return self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step=1)
 
   def _read(self, out: StepOut) -> "_StepRecord":
     """One device-to-host read of a finished step's small outputs (its device arrays are then free)."""
@@ -200,10 +231,11 @@ class ProgramEngine:
 
   # -------------------------------------------------------------- internals
 
-  def _run(self, kv, tokens, pos, step, key, temperature, next_step: int) -> StepOut:
+  def _run(self, kv, tokens, pos, step, key, temperature, next_step: int | None) -> StepOut:
     """Dispatch one step with the copies issued for it; first issue those of `next_step` (the
-    strategy's step numbering: 0 is the prompt), so that they overlap this step."""
-    plan, self._pending = self._pending, self._issue_plan(next_step)
+    strategy's step numbering: 0 is the prompt; None: no plan), so that they overlap this step."""
+    plan = self._pending
+    self._pending = self._no_plan if next_step is None else self._issue_plan(next_step)
     out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
                 self._head_leaves, self._layer_leaves, self._views, self._pools, self._state, kv, tokens,
                 pos, step, key, plan)

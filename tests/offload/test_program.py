@@ -70,6 +70,19 @@ def test_sampling_matches_the_reference(swiglu_reference):
   np.testing.assert_array_equal(stats.logits, want.logits)
 
 
+def test_prefill_and_decode_score_a_given_continuation(swiglu_reference):
+  ref = swiglu_reference
+  engine = ProgramEngine(ref.model, cache_bytes=ref.cfg.n_experts * ref.cfg.expert_bytes, strategy="lru")
+  with pytest.raises(ValueError, match="prefill first"):
+    engine.decode(np.zeros(2, np.int32))
+  np.testing.assert_array_equal(engine.prefill(ref.prompt), ref.out.logits[:, 0])
+  for n in range(1, NEW_TOKENS):  # the reference's own tokens fed back: its logits, step by step
+    t = ref.prompt.shape[1] + n - 1
+    np.testing.assert_array_equal(engine.decode(ref.out.tokens[:, t]), ref.out.logits[:, n])
+  with pytest.raises(ValueError, match="one per sequence"):
+    engine.decode(np.zeros(3, np.int32))
+
+
 def test_pallas_kernel_path_is_exact():
   cfg = dataclasses.replace(config.tiny(), n_layers=1, kernel_impl="pallas")
   model = model_lib.create(cfg, seed=4)
