@@ -259,10 +259,11 @@ class ProgramEngine:
     now = time.perf_counter()
     self._copies += [CopyRecord(layer, e, step, "prefetch", self.store.expert_bytes, now)
                      for layer, e in fills]
-    # one transfer for the small arrays and the copies; fill keys pair with the copies one to one,
-    # padded to a power of two with rows of -1 (their copy: the first one again, never written)
-    small = (offsets, _padded(keys), _padded(fills))
-    small, buffers = jax.device_put((small, [self.store.buffer(*k) for k in fills]), self._sharding)
+    # the small arrays first: a device_put of numpy queued behind expert copies holds the host until
+    # they finish (docs/BENCHMARKS.md). Fill keys pair with the copies one to one, padded to a power
+    # of two with rows of -1 (their copy: the first one again, never written)
+    small = jax.device_put((offsets, _padded(keys), _padded(fills)), self._sharding)
+    buffers = jax.device_put([self.store.buffer(*k) for k in fills], self._sharding)
     buffers += buffers[:1] * (len(small[2]) - len(buffers))
     return device_cache.Admission(*small, tuple(buffers))
 
