@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from jaxmoe import checkpoint, config as config_lib, generate as generate_lib
 from jaxmoe.offload import ExpertStore, OffloadEngine, strategies as strategies_lib
+from jaxmoe.offload import program
+from jaxmoe.offload.cache import slot_count
 from jaxmoe.offload.store import measure_h2d_bandwidth
 from jaxmoe.predictor import data as traces_lib
 from jaxmoe.predictor import store as predictor_store
@@ -212,7 +214,14 @@ def stage_predictors(s: RunSettings, traces_dir: Path, out: Path, log=print) -> 
   return dirs
 
 
-def timed_requests(eng: OffloadEngine, prompt, new_tokens: int, repeats: int) -> list[tuple[np.ndarray, Any]]:
+def program_runs(cfg, cache_bytes: int, expert_bytes: int, prompt_len: int) -> set[str]:
+  """The strategies engine v2 runs at this budget: those it supports, when one layer of the longest
+  prompt fits its cache (else the per-layer engine streams the prompt through the cache)."""
+  fits = slot_count(cache_bytes, expert_bytes, cfg.top_k) >= min(prompt_len * cfg.top_k, cfg.n_experts)
+  return {name for name in program.SUPPORTED if fits or name == "resident"}
+
+
+def timed_requests(eng, prompt, new_tokens: int, repeats: int) -> list[tuple[np.ndarray, Any]]:
   """`repeats` requests, each from a cold cache, after one warm-up request (compiles this engine's
   shapes) -> [(tokens, stats)] ordered by per-token time."""
   eng.generate(prompt, new_tokens)
@@ -281,20 +290,25 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   # shortest first: a strategy's row reports the shortest prompt, the one the TTFT bound is for
   prompts = {p: val[None, :p].astype(np.int32) for p in sorted(set(s.prompt_lengths))}
   ppl_seq = val[None, :min(2 * s.new_tokens, cfg.max_seq_len)].astype(np.int32)
-  engines: dict[str, OffloadEngine] = {}
+  engines: dict[str, Any] = {}
+  v2 = program_runs(cfg, cache_bytes, store.expert_bytes, max(prompts))
 
-  def engine(name, **kw) -> OffloadEngine:
+  def engine(name, **kw):
+    """Engine v2 (one program per step) for the strategies it runs, else the per-layer engine."""
+    on_v2 = name in v2
     if name == "resident":
-      return OffloadEngine(model, strategy="resident", store=store, **kw)
+      return (program.ProgramEngine(model, strategy="resident", store=store) if on_v2 else
+              OffloadEngine(model, strategy="resident", store=store, **kw))
     strategy = strategies_lib.make(name, n_experts=cfg.n_experts, predictor=predictor, **kw)
-    return OffloadEngine(model, cache_bytes=cache_bytes, strategy=strategy, store=store)
+    make = program.ProgramEngine if on_v2 else OffloadEngine
+    return make(model, cache_bytes=cache_bytes, strategy=strategy, store=store)
 
-  # The exact reference: every expert resident, run layer by layer with the same jitted layer functions
-  # and kernels as every offloaded strategy, so for them "exact" means bitwise. (That the engine equals
-  # the whole-model `jaxmoe.generate` is asserted by the offload tests.) The `resident` row runs each
-  # step as one program, whose bf16 rounding on a GPU may differ from the per-layer calls: its logit
-  # difference shows by how much. Also records each prompt's routing.
-  reference_engine = engine("resident", fuse_resident_step=False)
+  # The exact references: every expert resident, run by each engine with the same jitted pieces and
+  # kernels as its offloaded strategies, so "exact" means bitwise for every row against its own engine's
+  # reference (that both equal the whole-model `jaxmoe.generate` is asserted by the offload tests; in
+  # bf16 on a GPU the two engines' programs may round differently: `reference_logit_diff` says by how
+  # much). The per-layer reference also records each prompt's routing.
+  reference_engine = OffloadEngine(model, strategy="resident", store=store, fuse_resident_step=False)
   reference, routing = {}, {}
   for p, prompt in prompts.items():
     reference_engine.generate(prompt, s.new_tokens)  # warm-up: compiles every step shape
@@ -303,17 +317,31 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
     routing[p] = stats.routing
     if p == min(prompts):
       reference_timing = {"ttft_s": stats.ttft_s, "tpot_s": stats.tpot_s}
+  reference_engine.close()
   del reference_engine  # its device copy of every expert
-  resident = engine("resident")
+  resident = engine("resident")  # the v2 rows' reference when v2 runs resident
+  reference_v2, routing_v2 = {}, {}
+  if "resident" in v2:
+    for p, prompt in prompts.items():
+      tokens, stats = resident.generate(prompt, s.new_tokens)
+      reference_v2[p] = generate_lib.GenerateOutput(tokens, stats.logits)
+      routing_v2[p] = stats.routing
+
+  def routing_of(name, p):
+    """The routing an oracle replays: its own engine's reference run's (bf16 may route differently)."""
+    return routing_v2[p] if name in v2 and p in routing_v2 else routing[p]
+  reference_logit_diff = max((float(np.max(np.abs(reference_v2[p].logits - reference[p].logits)))
+                              for p in reference_v2), default=None)
   rows = []
   names = [n for n in s.strategies if n != "noisy_oracle"]
   for name in tqdm(names, desc="strategies"):
     per_prompt = []
     for p, prompt in prompts.items():
-      kw = {"routing": routing[p]} if name == "oracle" else {}
+      kw = {"routing": routing_of(name, p)} if name == "oracle" else {}
       eng = resident if name == "resident" else engine(name, **kw)
       runs = timed_requests(eng, prompt, s.new_tokens, s.repeats)
-      per_prompt.append({"prompt_len": p, **_request_row(name, runs, reference[p].tokens, reference[p].logits)})
+      want = reference_v2.get(p, reference[p]) if name in v2 else reference[p]
+      per_prompt.append({"prompt_len": p, **_request_row(name, runs, want.tokens, want.logits)})
       if p == min(prompts):
         engines[name] = eng
         median = _median_stats(runs)
@@ -321,7 +349,7 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
       elif eng is not resident:
         eng.close()
     first = per_prompt[0]
-    row = {**first, "ttft_s_by_prompt": {r["prompt_len"]: r["ttft_s"] for r in per_prompt},
+    row = {**first, "engine": "v2" if name in v2 else "v1", "ttft_s_by_prompt": {r["prompt_len"]: r["ttft_s"] for r in per_prompt},
            "tokens_equal": all(r["tokens_equal"] for r in per_prompt),
            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in per_prompt),
            "by_prompt": per_prompt, "timeline": timeline, "step_starts_s": step_starts}
@@ -334,10 +362,10 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   sweep = []
   if s.noisy_recalls and any(n in s.strategies for n in ("oracle", "learned", "noisy_oracle")):
     for r in tqdm(s.noisy_recalls, desc="noisy oracle"):
-      eng = engine("noisy_oracle", routing=routing[p0], recall=r, seed=0)
+      want = reference_v2.get(p0, reference[p0]) if "noisy_oracle" in v2 else reference[p0]
+      eng = engine("noisy_oracle", routing=routing_of("noisy_oracle", p0), recall=r, seed=0)
       runs = timed_requests(eng, prompts[p0], s.new_tokens, s.repeats)
-      sweep.append({"recall": r, **_request_row("noisy_oracle", runs, reference[p0].tokens,
-                                                reference[p0].logits)})
+      sweep.append({"recall": r, **_request_row("noisy_oracle", runs, want.tokens, want.logits)})
       eng.close()
       on_progress({"strategies": rows, "noisy_oracle_sweep": sweep})
   overlap = None
@@ -351,7 +379,8 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
           "overlap": overlap, "profiled_strategy": best,
           # one request of the per-layer all-resident reference (shortest prompt): the analytic model's
           # compute time when the `resident` strategy was not run
-          "reference_timing": reference_timing,
+          "reference_timing": reference_timing, "reference_logit_diff": reference_logit_diff,
+          "engines": {name: "v2" if name in v2 else "v1" for name in s.strategies},
           # distinct (layer, expert) pairs the shortest prompt's prefill routes: what a cold cache must copy
           "prefill_needed_experts": sum(len(experts) for experts in routing[p0][0])}
 

@@ -43,14 +43,14 @@ def _analytic_base(results: dict) -> str:
 def strategy_table(results: dict[str, Any]) -> str:
   rows = results["strategies"]
   by = {r["name"]: r for r in rows}
-  lines = ["| strategy | exact | TTFT ms (prompt tokens: ms) | per-token ms | predicted ms | e2e ms | tok/s | MiB copied "
+  lines = ["| strategy | engine | exact | TTFT ms (prompt tokens: ms) | per-token ms | predicted ms | e2e ms | tok/s | MiB copied "
            "(useful / wasted) | hit rate | stall ms | vs on_demand | vs lru | vs resident |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ttfts = " / ".join(f"{p} tok: {_ms(t)}" for p, t in r["ttft_s_by_prompt"].items())
     speed = lambda base: f"{by[base]['tpot_s'] / r['tpot_s']:.2f}x" if base in by and r["tpot_s"] else "-"
     lines.append(
-        f"| {r['name']} | {'yes' if r['tokens_equal'] else 'NO'} | {ttfts} | {_ms(r['tpot_s'])} | "
+        f"| {r['name']} | {r.get('engine', 'v1')} | {'yes' if r['tokens_equal'] else 'NO'} | {ttfts} | {_ms(r['tpot_s'])} | "
         f"{_ms(r.get('predicted_tpot_s'))} | {_ms(r['e2e_s'])} | {r['tokens_per_s']:.1f} | "
         f"{_mb(r['bytes_copied'])} ({_mb(r['bytes_useful'])} / {_mb(r['bytes_wasted'])}) | "
         f"{_pct(r['hit_rate'])} | {_ms(sum(r['stall_s']))} | {speed('on_demand')} | {speed('lru')} | "
@@ -127,14 +127,18 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
           f"layer, so they can only look a few layers ahead; token-driven families predict every layer "
           f"before the step's compute is dispatched, which is what lets copies overlap compute.", ""]
 
-  resident_diff = max((r["max_abs_logit_diff"] for r in results["strategies"] if r["name"] == "resident"),
-                      default=0.0)
   offloaded_diff = max((r["max_abs_logit_diff"] for r in results["strategies"] if r["name"] != "resident"),
                        default=0.0)
+  between = results.get("reference_logit_diff")
+  between = "" if between is None else (
+      f"; the two engines' all-resident runs differ by {between:.2e} in logits (bf16 rounding of "
+      "different programs)")
   out += ["## 2. Time per strategy", "", strategy_table(results), "",
-          "`exact`: the generated tokens equal those of the all-resident model run layer by layer "
-          f"(largest logit difference: offloaded strategies {offloaded_diff:.2e}, `resident` as one "
-          f"program per step {resident_diff:.2e}). `predicted`: the analytic model of `eval/analytic.py`, "
+          "`engine`: v2 runs each step as one compiled program (`ProgramEngine`), v1 layer by layer "
+          "(`OffloadEngine`, for the strategies v2 does not run yet). `exact`: the generated tokens equal "
+          "those of the all-resident model run by the same engine with the same kernels (largest logit "
+          f"difference of the offloaded strategies {offloaded_diff:.2e}{between}). "
+          "`predicted`: the analytic model of `eval/analytic.py`, "
           "max(compute, prefetched bytes / bandwidth) + on-demand bytes / bandwidth per token, "
           f"{_analytic_base(results)}. "
           "`stall`: the request's total time that layers' FFNs waited for their expert copies, from "
@@ -142,12 +146,6 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
           f"Times are medians over {_repeats(results)} timed requests per strategy and prompt, each from "
           "a cold cache after a warm-up; counts and bytes are those of the request with the median "
           "per-token time.", ""]
-  if any(r["name"] == "resident" and not r["tokens_equal"] for r in results["strategies"]):
-    out += ["`resident` is NOT exact here: one program per step rounds in bf16 differently from the "
-            "per-layer programs, and once one generated token differs the later logits are those of "
-            "another sequence (hence its large logit difference). It is the speed baseline; the "
-            "exactness that matters is the offloaded strategies' against the same per-layer "
-            "programs.", ""]
   if results.get("targets"):
     out += ["Targets (they are set for the GPU; on a CPU they only show the engine runs):", "",
             "| target | measured | verdict |", "|---|---|---|"]
@@ -181,15 +179,16 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
     out.append("")
 
   out += ["## 4. Quality", ""]
-  ppl = [(r["name"], r["perplexity"]) for r in results["strategies"] if r.get("perplexity")]
+  ppl = [(r["name"], r.get("engine", "v1"), r["perplexity"]) for r in results["strategies"]
+         if r.get("perplexity")]
   if ppl:
-    offloaded = {p for n, p in ppl if n != "resident"}
-    agree = ("The offloaded strategies agree exactly (they compute with the same per-layer programs)"
-             if len(offloaded) <= 1 else "The offloaded strategies DIFFER: an exactness bug")
+    per_engine = {e: {p for _, e2, p in ppl if e2 == e} for _, e, _ in ppl}
+    agree = ("Strategies on the same engine agree exactly" if all(len(v) == 1 for v in per_engine.values())
+             else "Strategies on the same engine DIFFER: an exactness bug")
     out += ["Teacher-forced perplexity on a held-out sequence through the engine: "
-            + ", ".join(f"`{n}` {p:.3f}" for n, p in ppl)
-            + f". {agree}; `resident` runs each step as one program, which on a GPU in bf16 may round "
-            "differently (its logit difference is in the table above). No lossy mode is enabled.", ""]
+            + ", ".join(f"`{n}` ({e}) {p:.3f}" for n, e, p in ppl)
+            + f". {agree}; the two engines' programs may round differently in bf16 on a GPU. "
+            "No lossy mode is enabled.", ""]
   if pngs:
     out += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
   return "\n".join(out)

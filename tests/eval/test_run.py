@@ -17,7 +17,9 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
   out = tmp_path / "run"
   watchers = lambda: sum(t.name == "expert-copy-watcher" for t in threading.enumerate())
   before = watchers()
-  assert run.main(["--preset", "tiny", "--data", str(corpus), "--out", str(out), "--no-trace"]) == 0
+  # half the experts: one layer of the 32-token prompt fits engine v2's cache (all 8 experts)
+  assert run.main(["--preset", "tiny", "--data", str(corpus), "--out", str(out), "--no-trace",
+                   "--cache-fraction", "0.5"]) == 0
   assert watchers() == before  # every engine the job made was closed
   results = json.loads((out / "results.json").read_text())
   names = [r["name"] for r in results["strategies"]]
@@ -27,6 +29,11 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
     assert r["max_abs_logit_diff"] == 0.0, r["name"]  # same kernels: bitwise
     assert r["ttft_s"] > 0 and r["tpot_s"] > 0
   rows = {r["name"]: r for r in results["strategies"]}
+  # engine v2 runs the strategies it supports, exact against its own resident run
+  assert {n: r["engine"] for n, r in rows.items()} == {
+      "resident": "v2", "on_demand": "v2", "lru": "v2", "oracle": "v2",
+      "stream_all": "v1", "next_gate": "v1", "learned": "v1"}
+  assert results["reference_logit_diff"] == 0.0  # f32 on the CPU: both engines' resident runs agree
   assert rows["resident"]["bytes_copied"] == 0
   assert rows["on_demand"]["hit_rate"] == 0.0  # nothing is kept or prefetched
   assert rows["oracle"]["bytes_wasted"] == 0  # the oracle prefetches only what is routed
