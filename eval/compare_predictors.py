@@ -98,9 +98,11 @@ def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Seque
     if info["family"] in models.TOKEN_FAMILIES:
       pred = store.load_predictor(pred_dir)
       probs = np.concatenate([np.asarray(pred.probs(val.tokens[i:i + 8])) for i in range(0, len(val.tokens), 8)])
-      probs = probs.reshape(len(experts), n_layers, n_experts)
+      targets, valid = data.lead_targets(val.experts, pred.lead)  # lead j: position t scores token t + j
+      probs = np.where(valid[..., None, None] > 0, probs, np.nan).reshape(len(experts), n_layers, n_experts)
       window = jnp.zeros((1, store.bucket(1 + pred.context)), jnp.int32)
-      rows.append(_row(name, info["family"], None, probs, experts, k, params=info["params"],
+      rows.append(_row(name, info["family"], None, probs, targets.reshape(experts.shape), k,
+                       params=info["params"],
                        flops_per_token=metrics.flops_per_call(lambda w: pred.probs(w, 1), window),
                        us_per_step=metrics.time_us(pred.scores, hist, 1, reps=reps), loss=info["loss"]))
     elif info["family"] == "cross_layer":
