@@ -178,3 +178,22 @@ def test_lead_shifts_training_targets():
   with pytest.raises(ValueError, match="lead"):
     models.build("token_mlp", {"vocab_size": 4, "n_layers": 1, "n_experts": 8}, {"lead": -1})
 
+
+def test_program_engine_learned_with_a_lead_2_predictor_is_exact(tiny_traces, tmp_path):
+  from jaxmoe import generate
+  from jaxmoe.offload.program import PLAN_LEAD, ProgramEngine
+  model, rows, traces_dir = tiny_traces
+  cfg = model.cfg
+  info = training.train_predictor(traces_dir, "token_mlp", str(tmp_path), loss="bce", steps=30,
+                                  batch_tokens=1024, eval_every=30, val_fraction=0.25, progress=False,
+                                  hparams={"embed_dim": 16, "hidden": 32, "lead": PLAN_LEAD})
+  pred = store.load_predictor(str(tmp_path))
+  assert info["hparams"]["lead"] == pred.lead == PLAN_LEAD
+  prompt = rows[:2, :6]
+  ref = generate.generate(model, prompt, 5)
+  engine = ProgramEngine(model, cache_bytes=cfg.n_experts * cfg.expert_bytes, strategy="learned",
+                         predictor=pred)
+  tokens, stats = engine.generate(prompt, 5)
+  np.testing.assert_array_equal(tokens, ref.tokens)
+  np.testing.assert_array_equal(stats.logits, ref.logits)
+  assert stats.copies and all(c.step >= 1 for c in stats.copies)  # the prompt is read in place
