@@ -144,7 +144,7 @@ class ProgramEngine:
     self._state = put(device_cache.empty_state(cfg.n_layers, cfg.n_experts, self.n_slots))
     self._cached = np.full((cfg.n_layers, cfg.n_experts), -1)  # the host's last read of the table
     self._copies: list[CopyRecord] = []  # prefetch copies issued for the request being run
-    # plans come from strategies that know the next step's experts; the others send no admission
+    # plans come from strategies that plan whole steps (oracles, learned); the others send no admission
     self._plans = strategy.name in ("oracle", "noisy_oracle", "learned")
     self._no_plan = put(device_cache.Admission(
         device_cache.use_offsets([], cfg.n_layers, cfg.n_experts), _padded([]), _padded([]), ()))
