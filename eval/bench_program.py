@@ -3,6 +3,7 @@
   python -m eval.bench_program                                  # gpu, olmoe_shaped, mixtral_shaped (GPU)
   python -m eval.bench_program --presets olmoe_shaped --layers 8 --cache-fraction 0.25
   python -m eval.bench_program --presets tiny --new-tokens 4 --prompt-lengths 8   # CPU smoke test
+  python -m eval.bench_program --presets gpu --strategies lru,oracle,learned --predictor P --engines v2
 
 Per preset (random weights, bf16 on a GPU): the plain jitted decode step of `jaxmoe.generate` beside
 its HBM roofline; then per strategy and engine TTFT (each prompt length) and per-token time, each
@@ -10,7 +11,8 @@ against its bound (`eval.analytic.StepCost` on the bytes the request moved per d
 of the v2 resident step, copies issued ahead hidden behind it, bytes fetched after the router chose
 added at the measured H2D bandwidth), and exactness against the v2 resident run.
 Random-weight models may repeat one token, which flatters caches: the distinct-token share of each
-continuation is reported beside it. Writes OUT/results.json and OUT/table.md; prints the table.
+continuation is reported beside it. `learned` needs --predictor, a predictor directory trained on traces
+of the same preset's model (`train.collect_traces --preset P`; v2 needs `train_predictor --lead 2`). Writes OUT/results.json and OUT/table.md; prints the table.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _request(engine, prompt, new_tokens: int, repeats: int):
 
 
 def bench_preset(name: str, layers: int | None, cache_fraction: float, prompt_lengths, new_tokens: int,
-                 repeats: int, engines: list[str], names: list[str], log=print) -> dict:
+                 repeats: int, engines: list[str], names: list[str], predictor=None, log=print) -> dict:
   cfg = config.preset(name)
   cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, n_layers=layers or cfg.n_layers)
   model = model_lib.create(cfg, 0)
@@ -85,6 +87,8 @@ def bench_preset(name: str, layers: int | None, cache_fraction: float, prompt_le
         s = strategy
         if strategy == "oracle":
           s = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref[p][1].routing)
+        if strategy == "learned":
+          s = strategies.make("learned", n_experts=cfg.n_experts, predictor=predictor)
         budget = None if strategy == "resident" else cache_bytes
         if engine_name == "v2":
           return ProgramEngine(model, cache_bytes=budget, strategy=s, store=store)
@@ -158,8 +162,17 @@ def main(argv=None) -> int:
                  help="timed cold-cache requests (median reported)")
   p.add_argument("--engines", default="v2,v1", help="v2 (ProgramEngine) and/or v1 (OffloadEngine)")
   p.add_argument("--strategies", default="resident,on_demand,lru,oracle", help="comma-separated")
+  p.add_argument("--predictor", help="predictor directory for the learned strategy (train_predictor)")
   p.add_argument("--out", default="runs/bench/bench_program", help="directory for results.json, table.md")
   a = p.parse_args(argv)
+  if "learned" in a.strategies.split(",") and not a.predictor:
+    p.error("--strategies learned needs --predictor (a trained predictor directory)")
+  if a.predictor and not Path(a.predictor).is_dir():
+    p.error(f"--predictor {a.predictor}: no such directory")
+  predictor = None
+  if a.predictor:
+    from jaxmoe.predictor import load_predictor
+    predictor = load_predictor(a.predictor)
   lengths = list(a.prompt_lengths)
   results = {"date": time.strftime("%Y-%m-%d"), "device": jax.devices()[0].device_kind,
              "command": " ".join(["python -m eval.bench_program", *(argv or sys.argv[1:])]), "presets": []}
@@ -167,7 +180,7 @@ def main(argv=None) -> int:
   for name in a.presets.split(","):
     layers = a.layers or (a.mixtral_layers if name == "mixtral_shaped" else None)
     r = bench_preset(name, layers, a.cache_fraction, lengths, a.new_tokens, a.repeats,
-                     a.engines.split(","), a.strategies.split(","))
+                     a.engines.split(","), a.strategies.split(","), predictor)
     print(f"{name}: plain decode {r['plain_decode_s'] * 1e3:.3f} ms, HBM roofline {r['roofline_s'] * 1e3:.3f} ms, "
           f"v2 resident {r['compute_s'] * 1e3:.3f} ms, H2D {r['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
     results["presets"].append(r)

@@ -1,6 +1,7 @@
 """Compare routing predictors on held-out traces: recall@k and @2k per layer and averaged, parameters,
 FLOPs and microseconds per decode step, for every trained family and the training-free references
-(per-layer popularity, next-gate speculation); writes predictors.md and predictors.json.
+(per-layer popularity, next-gate speculation), and recall by distance (how many layers ahead of the
+hidden state that predicts them); writes predictors.md, predictors.json and predictors_distance.png.
 
   python -m eval.compare_predictors --traces T --predictors P1 P2 .. --out DIR     # compare trained ones
   python -m eval.compare_predictors --preset small --out DIR                      # collect, train, compare
@@ -30,7 +31,8 @@ from jaxmoe.predictor.base import PopularityPredictor
 def _row(name: str, family: str, lookahead, scores: np.ndarray, experts: np.ndarray, k: int, **cost) -> dict:
   m = metrics.routing_metrics(scores, experts, [k, min(2 * k, scores.shape[-1])])
   at_k, at_2k = m["per_budget"][str(k)], m["per_budget"][str(min(2 * k, scores.shape[-1]))]
-  return {"name": name, "family": family, "lookahead": lookahead,
+  label = name if lookahead is None else f"{name} (lookahead {lookahead})"
+  return {"name": label, "predictor": name, "family": family, "lookahead": lookahead,
           "recall_k": at_k["recall"], "recall_2k": at_2k["recall"], "recall_k_avg": at_k["recall_avg"],
           "recall_2k_avg": at_2k["recall_avg"], "precision_k_avg": at_k["precision_avg"],
           "exact_set_k_avg": at_k["exact_set_avg"], **cost}
@@ -53,7 +55,7 @@ def decode_step_us(model: model_lib.MoELM, context: int = 128, reps: int = 20) -
   return metrics.time_us(step, state, jnp.zeros((1, 1), jnp.int32), cache, reps=reps)
 
 
-def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Sequence[int] = (1, 2),
+def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Sequence[int] = (1, 2, 3),
             val_fraction: float = 0.1, max_val_tokens: int = 65536, history: int = 256, reps: int = 50,
             model: model_lib.MoELM | None = None) -> dict[str, Any]:
   """Score popularity, next-gate (per lookahead) and every predictor directory on the validation
@@ -82,7 +84,7 @@ def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Seque
                                  lambda h, n, r: baselines.gate_probs(h, n, r, float(g["norm_eps"])),
                                  hidden.shape[-1], reps)
     for a in lookaheads:
-      rows.append(_row(f"next_gate (lookahead {a})", "next_gate", a,
+      rows.append(_row("next_gate", "next_gate", a,
                        baselines.next_gate(hidden, traces.hidden_layers, g, a), experts, k,
                        params=0, flops_per_token=float(n_layers * 2 * g["router"][0].size),
                        us_per_step=n_layers * gate_us))
@@ -96,9 +98,11 @@ def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Seque
     if info["family"] in models.TOKEN_FAMILIES:
       pred = store.load_predictor(pred_dir)
       probs = np.concatenate([np.asarray(pred.probs(val.tokens[i:i + 8])) for i in range(0, len(val.tokens), 8)])
-      probs = probs.reshape(len(experts), n_layers, n_experts)
+      targets, valid = data.lead_targets(val.experts, pred.lead)  # lead j: position t scores token t + j
+      probs = np.where(valid[..., None, None] > 0, probs, np.nan).reshape(len(experts), n_layers, n_experts)
       window = jnp.zeros((1, store.bucket(1 + pred.context)), jnp.int32)
-      rows.append(_row(name, info["family"], None, probs, experts, k, params=info["params"],
+      rows.append(_row(name, info["family"], None, probs, targets.reshape(experts.shape), k,
+                       params=info["params"],
                        flops_per_token=metrics.flops_per_call(lambda w: pred.probs(w, 1), window),
                        us_per_step=metrics.time_us(pred.scores, hist, 1, reps=reps), loss=info["loss"]))
     elif info["family"] == "cross_layer":
@@ -113,7 +117,7 @@ def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Seque
       for a in lookaheads:
         if a > scorer.depth:
           continue
-        rows.append(_row(f"{name} (lookahead {a})", "cross_layer", a, scorer.scores_at(hidden, a), experts,
+        rows.append(_row(name, "cross_layer", a, scorer.scores_at(hidden, a), experts,
                          k, params=info["params"], flops_per_token=n_src * flops, us_per_step=n_src * call_us,
                          loss=info["loss"]))
     else:
@@ -126,7 +130,41 @@ def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Seque
           "date": datetime.date.today().isoformat()}
   if model is not None:
     meta["us_decode_step_model"] = decode_step_us(model)
-  return {"rows": rows, "meta": meta}
+  return {"rows": rows, "meta": meta, "by_distance": by_distance(rows, lookaheads)}
+
+
+def _recall_from(per_layer: Sequence, first: int) -> float | None:
+  """Mean of the per-layer recalls of layers >= first that have a prediction (None if none do)."""
+  vals = [v for v in per_layer[first:] if v is not None]
+  return float(np.mean(vals)) if vals else None
+
+
+def by_distance(rows: Sequence[dict], distances: Sequence[int]) -> list[dict]:
+  """Recall by distance, one entry per predictor, from the rows' per-layer recalls.
+
+  Distance d: target layers l >= d, each predicted from the hidden state entering layer l - d (or the
+  latest earlier one the traces kept): a hidden-state predictor's row of lookahead d, restricted to
+  those layers. Token families predict every layer from the tokens alone ("input": all layers);
+  popularity depends on nothing, so it fills every column. Per-layer values are None below layer d.
+  Entries: {"predictor", "family", "distance": {str(d): {"recall_k", "recall_2k", "recall_k_avg",
+  "recall_2k_avg"}}, "input": the same over all layers, or None}."""
+  def column(r, first):
+    mask = lambda vals: [None if l < first else v for l, v in enumerate(vals)]
+    return {"recall_k": mask(r["recall_k"]), "recall_2k": mask(r["recall_2k"]),
+            "recall_k_avg": _recall_from(r["recall_k"], first),
+            "recall_2k_avg": _recall_from(r["recall_2k"], first)}
+
+  out: dict[str, dict] = {}
+  for r in rows:
+    entry = out.setdefault(r["predictor"], {"predictor": r["predictor"], "family": r["family"],
+                                            "distance": {}, "input": None})
+    if r["lookahead"] is None:  # from the tokens: the input column (popularity: every column too)
+      entry["input"] = column(r, 0)
+      if r["family"] == "popularity":
+        entry["distance"] = {str(d): column(r, d) for d in distances}
+    elif r["lookahead"] in distances:
+      entry["distance"][str(r["lookahead"])] = column(r, r["lookahead"])
+  return list(out.values())
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -148,16 +186,38 @@ def markdown(result: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def distance_markdown(result: dict[str, Any]) -> str:
+  """The recall@k-by-distance table (see `by_distance`)."""
+  k = result["meta"]["top_k"]
+  table = result["by_distance"]
+  distances = sorted({int(d) for e in table for d in e["distance"]})
+  fmt = lambda col: "-" if col is None or col["recall_k_avg"] is None else f"{col['recall_k_avg']:.3f}"
+  lines = [f"Recall@{k} by distance: layers l >= d, each predicted from the hidden state entering layer "
+           f"l - d; token families predict every layer from the tokens.\n",
+           "| predictor | " + " | ".join(f"d = {d}" for d in distances) + " | all layers from the input |",
+           "|---|" + "---|" * (len(distances) + 1)]
+  for e in table:
+    cells = [fmt(e["distance"].get(str(d))) for d in distances] + [fmt(e["input"])]
+    lines.append(f"| {e['predictor']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write_report(result: dict[str, Any], out_dir: str) -> tuple[str, str]:
-  """predictors.md and predictors.json under out_dir; returns their paths."""
+  """predictors.md and predictors.json under out_dir, and the plot of recall by distance beside them
+  (predictors_distance.png; skipped where matplotlib is missing); returns the first two paths."""
   os.makedirs(out_dir, exist_ok=True)
   md, js = os.path.join(out_dir, "predictors.md"), os.path.join(out_dir, "predictors.json")
   meta = result["meta"]
   with open(md, "w") as f:
     f.write(f"Routing predictors on {meta['val_tokens']:,} held-out tokens ({meta['source']}), "
-            f"{meta['device']}, {meta['date']}\n\n" + markdown(result))
+            f"{meta['device']}, {meta['date']}\n\n" + markdown(result) + "\n" + distance_markdown(result))
   with open(js, "w") as f:
     json.dump(result, f, indent=2)
+  try:
+    from eval import plots
+  except ImportError:  # matplotlib is missing: the tables are the report
+    return md, js
+  plots.recall_by_distance(result, os.path.join(out_dir, "predictors_distance.png"))
   return md, js
 
 
@@ -176,8 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=cli.positive_int, default=1500, help="training steps per family and loss")
   p.add_argument("--max-tokens", type=cli.positive_int, default=131072, help="tokens to trace")
   p.add_argument("--seq-len", type=cli.positive_int, default=256)
-  p.add_argument("--lookaheads", type=cli.positive_int_list, default=(1, 2),
-                 help="comma-separated lookaheads for hidden-state methods")
+  p.add_argument("--lookaheads", type=cli.positive_int_list, default=(1, 2, 3),
+                 help="comma-separated lookaheads (distances in layers) for hidden-state methods")
   a = p.parse_args(argv)
   if a.run_dir:
     a.run_dir = str(cli.model_run_dir(a.run_dir))

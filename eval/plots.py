@@ -1,5 +1,5 @@
 """PNG plots of a main-job results dict (speedup vs recall, per-layer recall, copy timeline, latency per
-strategy) and of the predictors' learning curve over trace volume."""
+strategy), of the predictors' learning curve over trace volume and of their recall by distance."""
 
 from __future__ import annotations
 
@@ -128,6 +128,27 @@ def trace_volume(runs: list[dict], path: Path) -> Path:
   ax.set_xscale("log")
   _recall_axes(ax, "training tokens (traced)", "validation recall",
                "Token-driven predictors: recall against trace volume")
+  return _save(fig, path)
+
+
+def recall_by_distance(comparison: dict, path: Path) -> Path | None:
+  """Recall@k against the distance in layers (`eval.compare_predictors.by_distance`): a line per
+  hidden-state predictor; token families and popularity, which read no hidden state, as dashed levels."""
+  table = comparison.get("by_distance") or []
+  if not table:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for e, color in zip(table, itertools.cycle(STARS)):
+    if e["family"] in ("next_gate", "cross_layer"):
+      points = sorted((int(d), c["recall_k_avg"]) for d, c in e["distance"].items()
+                      if c["recall_k_avg"] is not None)
+      ax.plot([d for d, _ in points], [r for _, r in points], "o-", color=color, label=e["predictor"])
+    elif e["input"] is not None:
+      ax.axhline(e["input"]["recall_k_avg"], color=color, ls="--", lw=1,
+                 label=f"{e['predictor']} (all layers)")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  _recall_axes(ax, "distance d: layers ahead of the hidden state", f"recall@{comparison['meta']['top_k']}",
+               "Routing predictors: recall by distance")
   return _save(fig, path)
 
 

@@ -2,6 +2,7 @@
 validation recall, Orbax checkpoints with resume) and save it where `load_predictor` finds it.
 
   python -m train.train_predictor --traces runs/small/traces --family context --out runs/small/pred/context
+  python -m train.train_predictor --traces runs/small/traces --family token_mlp --lead 2 --out runs/small/pred/v2
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 
 from eval import cli
-from jaxmoe.predictor.models import FAMILIES, LOSSES
+from jaxmoe.predictor.models import FAMILIES, LOSSES, TOKEN_FAMILIES
 from jaxmoe.predictor.store import load_predictor
 from jaxmoe.predictor.training import DEFAULT_HPARAMS, train_predictor
 
@@ -29,6 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="auto: train with each loss, keep the best validation recall@k")
   p.add_argument("--hparams", default="{}",
                  help=f"JSON overrides of the family's sizes; defaults: {json.dumps(DEFAULT_HPARAMS)}")
+  p.add_argument("--lead", type=cli.int_at_least(0), default=None,
+                 help="token families: predict the routing of the token this many positions after the last "
+                      "one read (default 0: the scored tokens' own); ProgramEngine's learned strategy needs 2")
   p.add_argument("--steps", type=cli.positive_int, default=2000, help="optimizer steps (the schedule's length)")
   p.add_argument("--batch-tokens", type=cli.positive_int, default=4096, help="tokens per step")
   p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="peak learning rate")
@@ -56,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--hparams is not JSON: {e}")
   if not isinstance(a.hparams, dict):
     p.error(f"--hparams must be a JSON object, got {a.hparams!r}")
+  if a.lead is not None:
+    if a.family not in TOKEN_FAMILIES:
+      p.error(f"--lead is for the token families {TOKEN_FAMILIES}, not {a.family}")
+    a.hparams["lead"] = a.lead
   return a
 
 

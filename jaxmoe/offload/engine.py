@@ -152,6 +152,9 @@ class OffloadEngine:
     self.fuse_resident_step = bool(fuse_resident_step)
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
+    if getattr(strategy, "lead", 0):
+      raise ValueError(f"OffloadEngine plans each step with its tokens in hand: learned needs a predictor "
+                       f"of lead 0, got lead {strategy.lead} (ProgramEngine plans with lead 2)")
     self.strategy = strategy
     self.store = store if store is not None else ExpertStore.from_model(model, device)
     if self.store.cfg != cfg:

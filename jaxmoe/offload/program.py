@@ -3,9 +3,12 @@
 Inside the program each layer's routed experts are looked up in the device cache table; misses are
 read straight from pinned host memory into slots the eviction policy frees (`device_cache`). The host
 dispatches step s+1 before it reads step s's token, routing and counts, so the device never waits for
-it. Plans that know the next step's experts (`oracle`, `noisy_oracle`) are copied to the device
-before step s is dispatched, overlapping it, and admitted by step s+1's program before its first layer.
-The true router decides what is computed: tokens and logits equal the all-resident model's.
+it. Plans for step s+1 (`oracle`, `noisy_oracle`: the next step's experts; `learned`: a predictor's
+guess) are copied to the device before step s is dispatched, overlapping it, and admitted by step
+s+1's program before its first layer. The host has then read the tokens up to step s-1's input, two
+positions before step s+1's: `learned` needs a predictor of lead `PLAN_LEAD` (trained to predict the
+routing of the token two after the last one it reads). The true router decides what is computed:
+tokens and logits equal the all-resident model's.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from jaxmoe.offload.layers import attend_route, embed, last_logits, layer_ffn, s
 from jaxmoe.offload.stats import OffloadStats
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
-SUPPORTED = ("resident", "on_demand", "lru", "lfu", "oracle", "noisy_oracle")
+SUPPORTED = ("resident", "on_demand", "lru", "lfu", "oracle", "noisy_oracle", "learned")
+PLAN_LEAD = 2  # a decode step's input token is this many positions past the last one read at its plan
 
 
 class StepOut(NamedTuple):
@@ -116,6 +120,10 @@ class ProgramEngine:
     if strategy.name not in SUPPORTED:
       raise NotImplementedError(f"strategy {strategy.name!r} runs on OffloadEngine; ProgramEngine "
                                 f"runs {SUPPORTED}")
+    if strategy.name == "learned" and strategy.lead != PLAN_LEAD:
+      raise ValueError(f"ProgramEngine plans step n+1 knowing the tokens up to step n-1's input: learned "
+                       f"needs a predictor of lead {PLAN_LEAD}, got lead {strategy.lead} "
+                       f"(train_predictor --lead {PLAN_LEAD})")
     self.strategy = strategy
     self.store = store if store is not None else ExpertStore.from_model(model, device)
     if self.store.cfg != cfg:
@@ -136,8 +144,8 @@ class ProgramEngine:
     self._state = put(device_cache.empty_state(cfg.n_layers, cfg.n_experts, self.n_slots))
     self._cached = np.full((cfg.n_layers, cfg.n_experts), -1)  # the host's last read of the table
     self._copies: list[CopyRecord] = []  # prefetch copies issued for the request being run
-    # plans come from strategies that know the next step's experts; the others send no admission
-    self._plans = strategy.name in ("oracle", "noisy_oracle")
+    # plans come from strategies that plan whole steps (oracles, learned); the others send no admission
+    self._plans = strategy.name in ("oracle", "noisy_oracle", "learned")
     self._no_plan = put(device_cache.Admission(
         device_cache.use_offsets([], cfg.n_layers, cfg.n_experts), _padded([]), _padded([]), ()))
     self._pending = self._no_plan
@@ -156,8 +164,10 @@ class ProgramEngine:
     stats = OffloadStats(hits=[0] * cfg.n_layers, misses=[0] * cfg.n_layers,
                          stall_s=[0.0] * cfg.n_layers, batch=b, start_s=time.perf_counter())
     key = jax.random.key(seed)
-    out = self._start(prompt, key, temperature)
-    steps = [self._read(out)]
+    steps: list[_StepRecord] = []
+    self._known = (prompt, steps, max_new_tokens)  # the tokens the host has read, for `learned` plans
+    out = self._start(prompt, key, temperature, next_step=1)
+    steps.append(self._read(out))
     ready = [time.perf_counter()]
     stats.ttft_s = ready[0] - stats.start_s
     for n in range(1, max_new_tokens):
@@ -181,7 +191,7 @@ class ProgramEngine:
     [B, V] f32. With `decode`, scores given continuations (teacher forcing) through the engine."""
     cfg = self.cfg
     prompt = check_prompt(tokens, 1, cfg.max_seq_len, cfg.vocab_size)
-    self._live = self._start(prompt, jax.random.key(0), 0.0)
+    self._live = self._start(prompt, jax.random.key(0), 0.0, next_step=None)
     self._live_len = prompt.shape[1]
     return self._read(self._live).logits
 
@@ -201,8 +211,9 @@ class ProgramEngine:
     self._live_len += 1
     return self._read(self._live).logits
 
-  def _start(self, prompt: np.ndarray, key, temperature: float) -> StepOut:
-    """Dispatch a request's prompt step over a fresh KV cache (the budget checked first)."""
+  def _start(self, prompt: np.ndarray, key, temperature: float, next_step: int | None) -> StepOut:
+    """Dispatch a request's prompt step over a fresh KV cache (the budget checked first), after
+    issuing the plan of `next_step` (None: none)."""
     b, t = prompt.shape
     self._check_budget(b, t)
     self._copies = []
@@ -210,7 +221,7 @@ class ProgramEngine:
                for c in init_cache(self.cfg, b).layers)
     pos, step = jax.device_put((np.int32(0), np.int32(0)), self._sharding)
     self._pending = self._issue_plan(0, copy=False)  # a prompt's misses are read in place
-    return self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step=1)
+    return self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step)
 
   def _read(self, out: StepOut) -> "_StepRecord":
     """One device-to-host read of a finished step's small outputs (its device arrays are then free)."""
@@ -248,9 +259,10 @@ class ProgramEngine:
     issued now (H2D copies overlap only compute dispatched after them). Key counts are bucketed to
     powers of two, so few programs compile; a strategy without plans sends nothing per step."""
     cfg = self.cfg
-    if not self._plans:
+    history = self._plan_history(step) if self.strategy.name == "learned" else None
+    if not self._plans or (self.strategy.name == "learned" and history is None):
       return self._no_plan
-    plan = self.strategy.plan_step(None, 1, step, self.n_slots, cfg.n_layers)
+    plan = self.strategy.plan_step(history, 1, step, self.n_slots, cfg.n_layers)
     offsets = device_cache.use_offsets([plan or []] + list(self.strategy.future(step)),
                                        cfg.n_layers, cfg.n_experts)
     keys = [(layer, e) for layer, experts in enumerate(plan or []) for e in experts][:self.n_slots]
@@ -266,6 +278,23 @@ class ProgramEngine:
     buffers = jax.device_put([self.store.buffer(*k) for k in fills], self._sharding)
     buffers += buffers[:1] * (len(small[2]) - len(buffers))
     return device_cache.Admission(*small, tuple(buffers))
+
+  def _plan_history(self, step: int) -> np.ndarray | None:
+    """What a lead-`PLAN_LEAD` predictor reads to plan decode step `step`: the prompt and read tokens up
+    to the one PLAN_LEAD positions before the step's input token (which sits at prompt length + step -
+    1). From step 3 on that is every token read (step n-1's is read only after step n, whose plan is
+    for step n+1, is dispatched); steps 1 and 2 leave out the last one. None for the prompt, past the
+    request, or when no token lies that far back."""
+    if step < 1:
+      return None
+    prompt, steps, n_steps = self._known
+    end = prompt.shape[1] + step - PLAN_LEAD  # tokens in the history
+    if step >= n_steps or end < 1:
+      return None
+    read = [s.token[:, None] for s in steps[:max(0, end - prompt.shape[1])]]
+    history = np.concatenate([prompt[:, :end]] + read, axis=1)
+    assert history.shape[1] == end, "the plan of a step was issued before its history was read"
+    return history
 
   def _check_budget(self, batch: int, length: int):
     """Every expert one layer of the prompt can route must fit the cache at once."""

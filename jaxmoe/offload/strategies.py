@@ -167,7 +167,11 @@ class Learned(Strategy):
   hedge = 1 by default: on the H200 every copy costs host time, and hedging did not pay there. A flat
   equal-share budget (8 per layer at top-2) copied 2.6x the useful bytes (docs/results/gpu-2026-11-29);
   hedge = 2 (4 per layer at top-2) gave 35.4 ms per token at a 59 % hit rate, while the noisy oracle at
-  recall 0.5 with exactly 2 per layer gave 24.5 ms, in the same run (docs/results/gpu-2026-11-29-c)."""
+  recall 0.5 with exactly 2 per layer gave 24.5 ms, in the same run (docs/results/gpu-2026-11-29-c).
+
+  `lead` is the predictor's (`RoutingPredictor`; absent: 0), and the engine passes a history that ends
+  `lead` tokens before each of the step's tokens: OffloadEngine plans a step holding its tokens (lead
+  0); ProgramEngine plans step n+1 before it has read step n's input token (lead 2)."""
 
   name = "learned"
   eviction = "predicted"
@@ -178,6 +182,7 @@ class Learned(Strategy):
       if not hasattr(predictor, attr):
         raise TypeError(f"predictor needs `{attr}` (the RoutingPredictor protocol)")
     self.predictor = predictor
+    self.lead = int(getattr(predictor, "lead", 0))
     self.per_layer = per_layer
     self.min_prob = min_prob
     if hedge <= 0:

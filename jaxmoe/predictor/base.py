@@ -13,7 +13,11 @@ import numpy as np
 
 @runtime_checkable
 class RoutingPredictor(Protocol):
-  """Anything that guesses, from the tokens alone, which experts each new token will be routed to."""
+  """Anything that guesses, from the tokens alone, which experts each new token will be routed to.
+
+  An optional `lead` attribute (absent: 0) says which token a position's scores are for: with lead j
+  the scores of the last n_new tokens of the history are the routing of the tokens j positions after
+  them (an engine that plans steps whose tokens it has not read yet needs j > 0)."""
 
   n_layers: int
   n_experts: int

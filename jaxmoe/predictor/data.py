@@ -214,6 +214,18 @@ def split_by_document(doc_ids: np.ndarray, val_fraction: float) -> tuple[np.ndar
   return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def lead_targets(experts: np.ndarray, lead: int) -> tuple[np.ndarray, np.ndarray]:
+  """The routing `lead` tokens ahead: experts [R, T, ...] -> (targets [R, T, ...], valid [R, T] f32),
+  targets[:, t] = experts[:, t + lead]; the last `lead` positions of a row have none (valid 0, targets
+  there are copies of the row's last token's, to be masked)."""
+  if lead < 0:
+    raise ValueError(f"lead must be >= 0, got {lead}")
+  t = experts.shape[1]
+  idx = np.minimum(np.arange(t) + lead, t - 1)
+  valid = np.broadcast_to((np.arange(t) + lead < t).astype(np.float32), experts.shape[:2])
+  return experts[:, idx], valid
+
+
 def token_rows(tokens: np.ndarray, seq_len: int, *, max_rows: int | None = None,
                doc_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Cut a [N] token stream into rows [R, seq_len] (the tail shorter than a row is dropped).

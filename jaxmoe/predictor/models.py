@@ -9,7 +9,9 @@
 The token families see a token only through a window of recent tokens (`context` tokens before it),
 never through absolute positions, so scoring the last tokens of any history equals scoring them inside
 the full sequence: that is what lets the engine pad to bucketed shapes. Token id `vocab_size` is the
-padding token: it embeds to zero and is never attended.
+padding token: it embeds to zero and is never attended. A token family's `lead` j (default 0) is what
+its logits at position t predict: the routing of token t + j (j > 0: of tokens not yet known, as the
+engine that plans ahead of the tokens it has read needs; `training` shifts the targets).
 Losses: `bce` (multi-label) and `rank` (every routed expert above the soft maximum of the others, plus a
 light BCE anchor); `loss_fn(name)` returns either.
 """
@@ -44,13 +46,20 @@ def _embed_tokens(table: nnx.Param, tokens: jax.Array, pad_id: int) -> jax.Array
   return x * (tokens != pad_id)[..., None].astype(x.dtype)
 
 
+def _check_lead(lead: int) -> int:
+  if int(lead) != lead or lead < 0:
+    raise ValueError(f"lead must be an integer >= 0 (tokens ahead of the scored one), got {lead}")
+  return int(lead)
+
+
 class TokenMLP(nnx.Module):
   """Embeddings of the current token and the `n_prev` before it -> MLP -> logits for all layers."""
 
   def __init__(self, vocab_size: int, n_layers: int, n_experts: int, *, embed_dim: int = 64,
-               hidden: int = 256, n_prev: int = 2, seed: int = 0):
+               hidden: int = 256, n_prev: int = 2, lead: int = 0, seed: int = 0):
     rng = np.random.default_rng(seed)
     self.vocab_size, self.n_layers, self.n_experts, self.n_prev = vocab_size, n_layers, n_experts, n_prev
+    self.lead = _check_lead(lead)
     self.embed = _normal(rng, (vocab_size + 1, embed_dim), 0.5)
     d_in = (n_prev + 1) * embed_dim
     self.w1, self.b1 = _dense(rng, (d_in, hidden), d_in), nnx.Param(jnp.asarray(np.zeros((hidden,), np.float32)))
@@ -81,7 +90,7 @@ class ContextModel(nnx.Module):
 
   def __init__(self, vocab_size: int, n_layers: int, n_experts: int, *, embed_dim: int = 64,
                hidden: int = 256, window: int = 32, conv_width: int = 4, n_heads: int = 4,
-               seed: int = 0):
+               lead: int = 0, seed: int = 0):
     if embed_dim % n_heads:
       raise ValueError(f"n_heads ({n_heads}) must divide embed_dim ({embed_dim})")
     if not 1 <= conv_width <= window:
@@ -89,6 +98,7 @@ class ContextModel(nnx.Module):
     rng = np.random.default_rng(seed)
     self.vocab_size, self.n_layers, self.n_experts = vocab_size, n_layers, n_experts
     self.window, self.conv_width, self.n_heads = window, conv_width, n_heads
+    self.lead = _check_lead(lead)
     e = embed_dim
     self.embed = _normal(rng, (vocab_size + 1, e), 0.5)
     self.conv = _normal(rng, (conv_width, e), conv_width ** -0.5)

@@ -78,7 +78,8 @@ class TokenPredictor:
   """`RoutingPredictor` over a token family (token_mlp, context): jitted, padded to bucketed shapes.
 
   Probabilities are sigmoid(a * logit + b) with (a, b) fitted on validation traces (Platt scaling), so
-  that the engine's 1 - prod(1 - p) is meaningful whatever loss trained the model.
+  that the engine's 1 - prod(1 - p) is meaningful whatever loss trained the model. `lead` (the
+  model's): the scores of a position are the routing of the token `lead` positions after it.
 
   `scores` (the engine's per-step call: a few tokens, ~1 MFLOP) runs on the host's CPU backend, so
   no device round trip sits at the start of every step (on the H200 host one small device call and
@@ -88,7 +89,7 @@ class TokenPredictor:
 
   def __init__(self, model: nnx.Module, calibration=(1.0, 0.0)):
     self.n_layers, self.n_experts = model.n_layers, model.n_experts
-    self.context = model.context
+    self.context, self.lead = model.context, model.lead
     self.pad_id = model.vocab_size
     graphdef, state = nnx.split(model)
     treedef = jax.tree.structure(state)

@@ -22,19 +22,24 @@ from tqdm.auto import tqdm
 from jaxmoe.predictor import baselines, data, metrics, models, store
 
 DEFAULT_HPARAMS = {
-    "token_mlp": {"embed_dim": 64, "hidden": 256, "n_prev": 2},
-    "context": {"embed_dim": 64, "hidden": 256, "window": 32, "conv_width": 4, "n_heads": 4},
+    "token_mlp": {"embed_dim": 64, "hidden": 256, "n_prev": 2, "lead": 0},
+    "context": {"embed_dim": 64, "hidden": 256, "window": 32, "conv_width": 4, "n_heads": 4, "lead": 0},
     "cross_layer": {"depth": 2, "hidden": 128},
 }
 
 
 class _Task:
-  """Batches of (inputs, routed experts [..., X, k], valid [..., X]) for one family, and eval data."""
+  """Batches of (inputs, routed experts [..., X, k], valid [..., X]) for one family, and eval data.
 
-  def __init__(self, family: str, traces: data.Traces, rows: np.ndarray, depth: int = 0):
+  Token families with `lead` j learn, at position t, the routing of token t + j (`data.lead_targets`);
+  the last j positions of each row have no target and are masked."""
+
+  def __init__(self, family: str, traces: data.Traces, rows: np.ndarray, depth: int = 0, lead: int = 0):
     self.family = family
     self.tokens = traces.tokens[rows]  # [R, T]
     self.experts = traces.experts[rows]  # [R, T, L, k]
+    if family in models.TOKEN_FAMILIES:
+      self.targets, self.valid = data.lead_targets(self.experts, lead)  # [R, T, L, k], [R, T]
     if family == "cross_layer":
       if traces.hidden is None:
         raise ValueError("cross_layer needs traces collected with hidden states (hidden_layers)")
@@ -54,20 +59,24 @@ class _Task:
     if self.family in models.TOKEN_FAMILIES:
       n = max(1, min(len(self.tokens), batch_tokens // self.tokens.shape[1]))
       idx = np.sort(rng.choice(len(self.tokens), n, replace=False))
-      e = self.experts[idx]
-      return self.tokens[idx], e, np.ones(e.shape[:-1], np.float32)
+      e = self.targets[idx]
+      return self.tokens[idx], e, self._valid(idx, e)
     idx = np.sort(rng.integers(0, len(self.hidden), min(batch_tokens, len(self.hidden))))  # tokens
     e = self.flat_experts[idx][:, self.target]  # [B, H, depth+1, k]
     valid = np.broadcast_to(self.valid_xy, e.shape[:-1]).astype(np.float32)
     return self.hidden[idx], e, valid  # hidden stays f16 until the device
+
+  def _valid(self, idx, targets: np.ndarray) -> np.ndarray:
+    """[B, T, L] validity of token-family targets: the rows' positions that have one, every layer."""
+    return np.broadcast_to(self.valid[idx][..., None], targets.shape[:-1]).astype(np.float32)
 
   def eval_chunks(self, chunk_tokens: int):
     """Whole-split (inputs, experts, valid) chunks, in order."""
     if self.family in models.TOKEN_FAMILIES:
       step = max(1, chunk_tokens // self.tokens.shape[1])
       for i in range(0, len(self.tokens), step):
-        e = self.experts[i:i + step]
-        yield self.tokens[i:i + step], e, np.ones(e.shape[:-1], np.float32)
+        e = self.targets[i:i + step]
+        yield self.tokens[i:i + step], e, self._valid(slice(i, i + step), e)
     else:
       for i in range(0, len(self.hidden), chunk_tokens):
         e = self.flat_experts[i:i + chunk_tokens][:, self.target]
@@ -165,11 +174,11 @@ def _train_one(traces: data.Traces, train_rows, val_rows, family: str, loss: str
           "vocab_size": traces.vocab_size, "d_model": int(traces.manifest["d_model"]),
           "hidden_layers": traces.hidden_layers}
   k, n_e = traces.top_k, traces.n_experts
-  depth = hparams.get("depth", 0)
-  train = _Task(family, traces, train_rows, depth)
+  depth, lead = hparams.get("depth", 0), hparams.get("lead", 0)
+  train = _Task(family, traces, train_rows, depth, lead)
   if max_val_tokens and len(val_rows) * traces.tokens.shape[1] > max_val_tokens:
     val_rows = val_rows[: max(1, max_val_tokens // traces.tokens.shape[1])]
-  val = _Task(family, traces, val_rows, depth)
+  val = _Task(family, traces, val_rows, depth, lead)
   freq = baselines.popularity(train.experts, n_e)
 
   model = models.build(family, meta, hparams, seed=seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from eval import bench_files, bench_kernels, bench_offload, bench_parallel
+from tests.cli_errors import refused
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / bench_files.DOCS
@@ -110,3 +111,9 @@ def test_bench_program_cpu_smoke_is_exact(tmp_path):
                                                            for s in ("resident", "lru")}
   assert all(r["tokens_equal"] and "error" not in r for r in rows)
   assert (tmp_path / "table.md").read_text().count("tiny") == 4
+
+
+def test_bench_program_learned_needs_a_predictor(capsys):
+  from eval import bench_program
+  assert "--predictor" in refused(bench_program.main, ["--strategies", "lru,learned"], capsys)
+  assert "--predictor" in refused(bench_program.main, ["--predictor", "missing"], capsys)

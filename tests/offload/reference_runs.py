@@ -30,14 +30,15 @@ class Reference:
 
 class TablePredictor:
   """Scores from a recorded routing: p = 1 on `routing[step][layer]` (or on every other expert if
-  `wrong`). The step is read off the history's length, as a real predictor would see it."""
+  `wrong`). The step is read off the history's length, as a real predictor would see it: the history
+  ends `lead` tokens before the step's input token."""
 
-  def __init__(self, routing, prompt_len, n_layers, n_experts, wrong=False):
-    self.routing, self.prompt_len, self.wrong = routing, prompt_len, wrong
+  def __init__(self, routing, prompt_len, n_layers, n_experts, wrong=False, lead=0):
+    self.routing, self.prompt_len, self.wrong, self.lead = routing, prompt_len, wrong, lead
     self.n_layers, self.n_experts = n_layers, n_experts
 
   def scores(self, history, n_new):
-    step = history.shape[1] - self.prompt_len
+    step = history.shape[1] - self.prompt_len + self.lead
     p = np.zeros((history.shape[0], n_new, self.n_layers, self.n_experts), np.float32)
     for layer, experts in enumerate(self.routing[step]):
       p[:, :, layer, experts] = 1.0

@@ -8,20 +8,27 @@ import numpy as np
 import pytest
 
 from jaxmoe import config, generate as gen, model as model_lib
-from jaxmoe.offload import device_cache, strategies
+from jaxmoe.offload import OffloadEngine, device_cache, strategies
 from jaxmoe.offload.hostview import device_view
-from jaxmoe.offload.program import SUPPORTED, ProgramEngine
+from jaxmoe.offload.program import PLAN_LEAD, SUPPORTED, ProgramEngine
 from jaxmoe.offload.store import expert_layout, host_sharding
-from tests.offload.reference_runs import NEW_TOKENS, build_reference
+from tests.offload.reference_runs import NEW_TOKENS, PROMPT_LEN, TablePredictor, build_reference
 
 
 def _strategy(name, ref):
   if name in ("oracle", "noisy_oracle"):
     return strategies.make(name, n_experts=ref.cfg.n_experts, routing=ref.routing, recall=0.5, seed=1)
+  if name in ("learned_right", "learned_wrong"):
+    predictor = TablePredictor(ref.routing, PROMPT_LEN, ref.cfg.n_layers, ref.cfg.n_experts,
+                               wrong=name == "learned_wrong", lead=PLAN_LEAD)
+    return strategies.make("learned", n_experts=ref.cfg.n_experts, predictor=predictor)
   return name
 
 
-@pytest.mark.parametrize("variant, name", [("swiglu", n) for n in SUPPORTED] + [("relu_shared", "lru")])
+NAMES = [n for n in SUPPORTED if n != "learned"] + ["learned_right", "learned_wrong"]
+
+
+@pytest.mark.parametrize("variant, name", [("swiglu", n) for n in NAMES] + [("relu_shared", "lru")])
 def test_every_strategy_is_exact(built_references, variant, name):
   reference = build_reference(built_references, variant)
   cfg = reference.cfg
@@ -41,6 +48,8 @@ def test_every_strategy_is_exact(built_references, variant, name):
     assert sum(stats.misses) == 0
   if name == "on_demand":  # drops every expert after its layer
     assert sum(stats.hits) == 0
+  if name.startswith("learned"):  # a lead-2 table of the true routing: the plans' lag must be right
+    assert stats.copies and all(c.used == (name == "learned_right") for c in stats.copies)
   assert stats.bytes_useful <= stats.bytes_copied == (stats.host_read_bytes
                                                       + len(stats.copies) * cfg.expert_bytes)
 
@@ -59,6 +68,14 @@ def test_oracle_copies_each_decode_step_ahead_and_reads_nothing_then():
   assert stats.copies and all(c.reason == "prefetch" and c.step >= 1 for c in stats.copies)
   lru = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy="lru").generate(prompt, 8)[1]
   assert sum(lru.step_read_bytes[1:]) > 0  # the test is not trivial: LRU misses there
+
+
+def test_learned_needs_a_predictor_of_the_engines_lead(swiglu_reference):
+  ref = swiglu_reference
+  for lead, engine in ((0, ProgramEngine), (PLAN_LEAD, OffloadEngine)):
+    table = TablePredictor(ref.routing, PROMPT_LEN, ref.cfg.n_layers, ref.cfg.n_experts, lead=lead)
+    with pytest.raises(ValueError, match=f"lead {lead}"):
+      engine(ref.model, cache_bytes=10**9, strategy="learned", predictor=table)
 
 
 def test_sampling_matches_the_reference(swiglu_reference):

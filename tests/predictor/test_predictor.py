@@ -162,3 +162,38 @@ def test_learned_strategy_with_a_trained_predictor_is_exact(tiny_traces, trained
     tokens, stats = engine.generate(prompt, 4)
   np.testing.assert_array_equal(tokens, ref.tokens)
   np.testing.assert_array_equal(stats.logits, ref.logits)
+
+
+def test_lead_shifts_training_targets():
+  experts = np.arange(8).reshape(1, 4, 1, 2)  # token t routes to 2t, 2t+1 in its one layer
+  tr = data.Traces({"n_layers": 1}, np.arange(4).reshape(1, 4), np.zeros(1), experts, None, None, {})
+  task = training._Task("token_mlp", tr, np.array([0]), lead=2)
+  tokens, targets, valid = task.batch(np.random.default_rng(0), 4)
+  np.testing.assert_array_equal(tokens, [[0, 1, 2, 3]])
+  np.testing.assert_array_equal(targets[0, :2, 0], [[4, 5], [6, 7]])  # tokens 2 and 3's routing
+  np.testing.assert_array_equal(valid, [[[1], [1], [0], [0]]])  # the last two have no token 2 ahead
+  (_, chunk_targets, chunk_valid), = task.eval_chunks(4)
+  np.testing.assert_array_equal(chunk_targets, targets)
+  np.testing.assert_array_equal(chunk_valid, valid)
+  with pytest.raises(ValueError, match="lead"):
+    models.build("token_mlp", {"vocab_size": 4, "n_layers": 1, "n_experts": 8}, {"lead": -1})
+
+
+def test_program_engine_learned_with_a_lead_2_predictor_is_exact(tiny_traces, tmp_path):
+  from jaxmoe import generate
+  from jaxmoe.offload.program import PLAN_LEAD, ProgramEngine
+  model, rows, traces_dir = tiny_traces
+  cfg = model.cfg
+  info = training.train_predictor(traces_dir, "token_mlp", str(tmp_path), loss="bce", steps=30,
+                                  batch_tokens=1024, eval_every=30, val_fraction=0.25, progress=False,
+                                  hparams={"embed_dim": 16, "hidden": 32, "lead": PLAN_LEAD})
+  pred = store.load_predictor(str(tmp_path))
+  assert info["hparams"]["lead"] == pred.lead == PLAN_LEAD
+  prompt = rows[:2, :6]
+  ref = generate.generate(model, prompt, 5)
+  engine = ProgramEngine(model, cache_bytes=cfg.n_experts * cfg.expert_bytes, strategy="learned",
+                         predictor=pred)
+  tokens, stats = engine.generate(prompt, 5)
+  np.testing.assert_array_equal(tokens, ref.tokens)
+  np.testing.assert_array_equal(stats.logits, ref.logits)
+  assert stats.copies and all(c.step >= 1 for c in stats.copies)  # the prompt is read in place

@@ -45,6 +45,8 @@ def test_train_predictor_refuses_missing_traces(tmp_path, capsys):
     (["--hparams", "{bad"], "--hparams"),
     (["--hparams", "[1]"], "--hparams"),
     (["--train-tokens", "0"], "--train-tokens"),
+    (["--lead", "-1"], "--lead"),
+    (["--family", "cross_layer", "--lead", "2"], "--lead"),
 ])
 def test_train_predictor_refuses_bad_arguments(args, flag, traces, tmp_path, capsys):
   out = tmp_path / "pred"
