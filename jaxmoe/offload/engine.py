@@ -152,7 +152,7 @@ class OffloadEngine:
     self.fuse_resident_step = bool(fuse_resident_step)
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
-    self.strategy = strategy
+    self.strategy = strategies.device_only(strategy, "OffloadEngine")
     self.store = store if store is not None else ExpertStore.from_model(model, device)
     if self.store.cfg != cfg:
       raise ValueError("the expert store was built for another config")
