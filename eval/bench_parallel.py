@@ -147,10 +147,11 @@ def bench(args) -> dict:
   from jaxmoe.offload import OffloadEngine, strategies
   from jaxmoe.offload.parallel import ExpertParallelEngine
 
-  unsupported = set(args.strategies) - (set(strategies.NAMES) - {"learned", "resident"})
+  unsupported = set(args.strategies) - (set(strategies.NAMES) - {"learned", "resident", "hybrid"})
   if unsupported:
     raise ValueError(f"strategies {sorted(unsupported)} are not benchmarked here (learned needs a "
-                     f"trained predictor; resident, a budget that holds every expert)")
+                     f"trained predictor; resident, a budget that holds every expert; hybrid, "
+                     f"ProgramEngine)")
   start = time.perf_counter()
   devices = jax.local_devices()[:args.devices] if args.devices else jax.local_devices()
   n = len(devices)

@@ -1,15 +1,18 @@
 """Engine v2 (`ProgramEngine`, one compiled program per step) against the per-layer engine and bounds.
 
   python -m eval.bench_program                                  # gpu, olmoe_shaped, mixtral_shaped (GPU)
-  python -m eval.bench_program --presets olmoe_shaped --layers 8 --cache-fraction 0.25
+  python -m eval.bench_program --presets olmoe_shaped --layers 8 --cache-fractions 0.1,0.25,0.5
   python -m eval.bench_program --presets tiny --new-tokens 4 --prompt-lengths 8   # CPU smoke test
   python -m eval.bench_program --presets gpu --strategies lru,oracle,learned --predictor P --engines v2
 
 Per preset (random weights, bf16 on a GPU): the plain jitted decode step of `jaxmoe.generate` beside
-its HBM roofline; then per strategy and engine TTFT (each prompt length) and per-token time, each
-against its bound (`eval.analytic.StepCost` on the bytes the request moved per decode token: compute
-of the v2 resident step, copies issued ahead hidden behind it, bytes fetched after the router chose
-added at the measured H2D bandwidth), and exactness against the v2 resident run.
+its HBM roofline, the H2D rate, the host's DRAM read rate and its expert FFN rate (weight bytes per
+second, one row); then per strategy, engine and cache fraction TTFT (each prompt length) and per-token
+time, each against its bound (`eval.analytic.StepCost` on the bytes the request moved per decode
+token: compute of the v2 resident step, copies issued ahead hidden behind it, bytes fetched after the
+router chose added at the measured H2D bandwidth; `hybrid`'s experts computed on the host added at the
+host's expert rate), and exactness against the v2 resident run. `hybrid` runs with host compute forced
+on (v2 only), so it measures the host path whatever `auto` would choose.
 Random-weight models may repeat one token, which flatters caches: the distinct-token share of each
 continuation is reported beside it. `learned` needs --predictor, a predictor directory trained on traces
 of the same preset's model (`train.collect_traces --preset P`; v2 needs `train_predictor --lead 2`). Writes OUT/results.json and OUT/table.md; prints the table.
@@ -30,7 +33,7 @@ import numpy as np
 
 from eval import analytic, cli, pipeline
 from jaxmoe import config, generate as gen, model as model_lib
-from jaxmoe.offload import ExpertStore, OffloadEngine, strategies
+from jaxmoe.offload import ExpertStore, OffloadEngine, host_experts, strategies
 from jaxmoe.offload.program import ProgramEngine
 from jaxmoe.offload.store import measure_h2d_bandwidth
 
@@ -63,7 +66,7 @@ def _request(engine, prompt, new_tokens: int, repeats: int):
   return runs[(len(runs) - 1) // 2], float(np.median([st.ttft_s for _, st in runs]))
 
 
-def bench_preset(name: str, layers: int | None, cache_fraction: float, prompt_lengths, new_tokens: int,
+def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths, new_tokens: int,
                  repeats: int, engines: list[str], names: list[str], predictor=None, log=print) -> dict:
   cfg = config.preset(name)
   cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, n_layers=layers or cfg.n_layers)
@@ -71,8 +74,9 @@ def bench_preset(name: str, layers: int | None, cache_fraction: float, prompt_le
   out = {"preset": name, "config": cfg.to_dict(), **plain_decode(model, max(prompt_lengths))}
   store = ExpertStore.from_model(model)
   bandwidth = measure_h2d_bandwidth(store)
-  cache_bytes = max(int(cache_fraction * store.nbytes), cfg.n_experts * cfg.expert_bytes)
-  out.update(h2d_bytes_per_s=bandwidth, cache_bytes=cache_bytes, store_bytes=store.nbytes)
+  host_rate = host_experts.HostExperts.of(store).bytes_per_s()
+  out.update(h2d_bytes_per_s=bandwidth, host_read_bytes_per_s=host_experts.read_bytes_per_s(store),
+             host_expert_bytes_per_s=host_rate, store_bytes=store.nbytes)
   rng = np.random.default_rng(0)
   prompts = {p: rng.integers(0, cfg.vocab_size, (1, p)).astype(np.int32) for p in prompt_lengths}
   p0 = min(prompt_lengths)
@@ -80,47 +84,56 @@ def bench_preset(name: str, layers: int | None, cache_fraction: float, prompt_le
   ref = {p: reference.generate(prompts[p], new_tokens) for p in prompt_lengths}
   compute_s = _request(reference, prompts[p0], new_tokens, repeats)[0][1].tpot_s
   del reference
+  runs = [(e, s, f) for e in engines for s in names for f in ([None] if s == "resident" else cache_fractions)
+          if not (e == "v1" and s == "hybrid")]  # v1 runs every expert on the device
   rows = []
-  for engine_name in engines:
-    for strategy in names:
-      def make():
-        s = strategy
-        if strategy == "oracle":
-          s = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref[p][1].routing)
-        if strategy == "learned":
-          s = strategies.make("learned", n_experts=cfg.n_experts, predictor=predictor)
-        budget = None if strategy == "resident" else cache_bytes
-        if engine_name == "v2":
-          return ProgramEngine(model, cache_bytes=budget, strategy=s, store=store)
-        return OffloadEngine(model, cache_bytes=budget, strategy=s, store=store)
-      row = {"engine": engine_name, "strategy": strategy}
-      try:
-        for p in prompt_lengths:
-          eng = make()
-          (tokens, stats), ttft = _request(eng, prompts[p], new_tokens, repeats)
-          eng.close()
-          row[f"ttft_s_{p}"] = ttft
-          if p == p0:
-            ahead, on_demand = _decode_bytes(stats)
-            row.update(tpot_s=stats.tpot_s, bytes_per_token=(ahead + on_demand) / (new_tokens - 1),
-                       prefetched_per_token=ahead / (new_tokens - 1),
-                       on_demand_per_token=on_demand / (new_tokens - 1),
-                       distinct_tokens=len(set(tokens[0, p:].tolist())) / new_tokens,
-                       hits=sum(stats.hits), misses=sum(stats.misses))
-          row.setdefault("tokens_equal", True)
-          row["tokens_equal"] &= bool(np.array_equal(tokens, ref[p][0]))
-          row["max_logit_diff"] = max(row.get("max_logit_diff", 0.0),
-                                      float(np.max(np.abs(stats.logits - ref[p][1].logits))))
-      except Exception as err:  # one failing configuration must not lose the others
-        row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
-      # bound: the analytic model on the bytes this request moved per decode token: copies issued
-      # ahead hide behind the compute, bytes fetched after the router chose do not
-      if "tpot_s" in row:
-        row["bound_s"] = analytic.StepCost(compute_s, row["prefetched_per_token"],
-                                           row["on_demand_per_token"], bandwidth).predicted_s
-        row["vs_bound"] = row["tpot_s"] / row["bound_s"]
-      rows.append(row)
-      log(_row_line(name, row))
+  for engine_name, strategy, fraction in runs:
+    cache_bytes = None if fraction is None else max(int(fraction * store.nbytes),
+                                                    cfg.n_experts * cfg.expert_bytes)
+
+    def make():
+      s = strategy
+      if strategy == "oracle":
+        s = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref[p][1].routing)
+      if strategy == "learned":
+        s = strategies.make("learned", n_experts=cfg.n_experts, predictor=predictor)
+      if strategy == "hybrid":
+        s = strategies.make("hybrid", n_experts=cfg.n_experts, host_compute="always")
+      if engine_name == "v2":
+        return ProgramEngine(model, cache_bytes=cache_bytes, strategy=s, store=store)
+      return OffloadEngine(model, cache_bytes=cache_bytes, strategy=s, store=store)
+    row = {"engine": engine_name, "strategy": strategy, "cache_fraction": fraction,
+           "cache_bytes": cache_bytes}
+    try:
+      for p in prompt_lengths:
+        eng = make()
+        (tokens, stats), ttft = _request(eng, prompts[p], new_tokens, repeats)
+        eng.close()
+        row[f"ttft_s_{p}"] = ttft
+        if p == p0:
+          ahead, on_demand = _decode_bytes(stats)
+          row.update(tpot_s=stats.tpot_s, bytes_per_token=(ahead + on_demand) / (new_tokens - 1),
+                     prefetched_per_token=ahead / (new_tokens - 1),
+                     on_demand_per_token=on_demand / (new_tokens - 1),
+                     host_per_token=stats.host_experts * cfg.expert_bytes / (new_tokens - 1),
+                     distinct_tokens=len(set(tokens[0, p:].tolist())) / new_tokens,
+                     hits=sum(stats.hits), misses=sum(stats.misses), host_experts=stats.host_experts)
+        row.setdefault("tokens_equal", True)
+        row["tokens_equal"] &= bool(np.array_equal(tokens, ref[p][0]))
+        row["max_logit_diff"] = max(row.get("max_logit_diff", 0.0),
+                                    float(np.max(np.abs(stats.logits - ref[p][1].logits))))
+    except Exception as err:  # one failing configuration must not lose the others
+      row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    # bound: the analytic model on the bytes this request moved per decode token: copies issued
+    # ahead hide behind the compute, bytes fetched after the router chose do not; experts computed
+    # on the host hold up their layer
+    if "tpot_s" in row:
+      row["bound_s"] = analytic.StepCost(compute_s + row["host_per_token"] / host_rate,
+                                         row["prefetched_per_token"], row["on_demand_per_token"],
+                                         bandwidth).predicted_s
+      row["vs_bound"] = row["tpot_s"] / row["bound_s"]
+    rows.append(row)
+    log(_row_line(name, row))
   out.update(compute_s=compute_s, rows=rows)
   return out
 
@@ -134,16 +147,18 @@ def _decode_bytes(stats) -> tuple[int, int]:
 
 
 def _row_line(preset: str, r: dict) -> str:
+  cache = "all" if r["cache_fraction"] is None else f"{r['cache_fraction']:g}"
   if "error" in r:
-    return f"{preset:<15}{r['engine']:<4}{r['strategy']:<11} {r['error']}"
+    return f"{preset:<15}{r['engine']:<4}{r['strategy']:<11}{cache:>6} {r['error']}"
   ttfts = " ".join(f"{k[7:]}:{v * 1e3:.1f}" for k, v in r.items() if k.startswith("ttft_s_"))
-  return (f"{preset:<15}{r['engine']:<4}{r['strategy']:<11}{r['tpot_s'] * 1e3:>8.2f}{r['bound_s'] * 1e3:>8.2f}"
-          f"{r['vs_bound']:>6.2f}x {ttfts:<22}{'yes' if r['tokens_equal'] else 'NO':>4}"
-          f"{r['max_logit_diff']:>9.3g}{r['distinct_tokens']:>6.2f}{r['bytes_per_token'] / 2**20:>9.1f}")
+  return (f"{preset:<15}{r['engine']:<4}{r['strategy']:<11}{cache:>6}{r['tpot_s'] * 1e3:>8.2f}"
+          f"{r['bound_s'] * 1e3:>8.2f}{r['vs_bound']:>6.2f}x {ttfts:<22}{'yes' if r['tokens_equal'] else 'NO':>4}"
+          f"{r['max_logit_diff']:>9.3g}{r['distinct_tokens']:>6.2f}{r['bytes_per_token'] / 2**20:>9.1f}"
+          f"{r['host_per_token'] / 2**20:>9.1f}")
 
 
-HEADER = (f"{'preset':<15}{'eng':<4}{'strategy':<11}{'tok ms':>8}{'bound':>8}{'ratio':>7} "
-          f"{'TTFT ms by prompt':<22}{'eq':>4}{'max dlog':>9}{'dist':>6}{'MiB/tok':>9}")
+HEADER = (f"{'preset':<15}{'eng':<4}{'strategy':<11}{'cache':>6}{'tok ms':>8}{'bound':>8}{'ratio':>7} "
+          f"{'TTFT ms by prompt':<22}{'eq':>4}{'max dlog':>9}{'dist':>6}{'MiB/tok':>9}{'host MiB':>9}")
 
 
 def main(argv=None) -> int:
@@ -153,15 +168,17 @@ def main(argv=None) -> int:
   p.add_argument("--layers", type=cli.positive_int, default=None,
                  help="override every preset's layer count (default: gpu 12, olmoe_shaped 8, mixtral 8)")
   p.add_argument("--mixtral-layers", type=cli.positive_int, default=4, help="layers of mixtral_shaped (host memory)")
-  p.add_argument("--cache-fraction", type=cli.fraction, default=0.25,
-                 help="device expert cache / all experts' bytes")
+  p.add_argument("--cache-fractions", type=cli.fraction_list, default=(0.25,),
+                 help="comma-separated device expert caches / all experts' bytes (each strategy but "
+                      "resident runs at each)")
   p.add_argument("--prompt-lengths", type=cli.positive_int_list, default=(16, 256),
                  help="comma-separated prompt lengths (TTFT)")
   p.add_argument("--new-tokens", type=cli.int_at_least(2), default=16, help="tokens generated per request")
   p.add_argument("--repeats", type=cli.positive_int, default=3,
                  help="timed cold-cache requests (median reported)")
   p.add_argument("--engines", default="v2,v1", help="v2 (ProgramEngine) and/or v1 (OffloadEngine)")
-  p.add_argument("--strategies", default="resident,on_demand,lru,oracle", help="comma-separated")
+  p.add_argument("--strategies", default="resident,on_demand,lru,oracle",
+                 help="comma-separated (hybrid: host compute forced on, v2 only)")
   p.add_argument("--predictor", help="predictor directory for the learned strategy (train_predictor)")
   p.add_argument("--out", default="runs/bench/bench_program", help="directory for results.json, table.md")
   a = p.parse_args(argv)
@@ -179,10 +196,11 @@ def main(argv=None) -> int:
   print(HEADER)
   for name in a.presets.split(","):
     layers = a.layers or (a.mixtral_layers if name == "mixtral_shaped" else None)
-    r = bench_preset(name, layers, a.cache_fraction, lengths, a.new_tokens, a.repeats,
+    r = bench_preset(name, layers, a.cache_fractions, lengths, a.new_tokens, a.repeats,
                      a.engines.split(","), a.strategies.split(","), predictor)
     print(f"{name}: plain decode {r['plain_decode_s'] * 1e3:.3f} ms, HBM roofline {r['roofline_s'] * 1e3:.3f} ms, "
-          f"v2 resident {r['compute_s'] * 1e3:.3f} ms, H2D {r['h2d_bytes_per_s'] / 1e9:.1f} GB/s")
+          f"v2 resident {r['compute_s'] * 1e3:.3f} ms, H2D {r['h2d_bytes_per_s'] / 1e9:.1f} GB/s, host read "
+          f"{r['host_read_bytes_per_s'] / 1e9:.1f} GB/s, host expert FFN {r['host_expert_bytes_per_s'] / 1e9:.1f} GB/s")
     results["presets"].append(r)
     out = Path(a.out)  # written after every preset: a later failure loses nothing measured
     out.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,14 @@ def fraction(text: str) -> float:
   return value
 
 
+def fraction_list(text: str) -> tuple[float, ...]:
+  """An argparse type: comma-separated numbers in (0, 1] ("0.1,0.25")."""
+  parts = [p.strip() for p in text.split(",") if p.strip()]
+  if not parts:
+    raise argparse.ArgumentTypeError("give at least one number in (0, 1]")
+  return tuple(fraction(p) for p in parts)
+
+
 def model_run_dir(path: str | Path) -> Path:
   """The model run directory named by `path`: a main job's output directory (its model/ inside) or a
   model run directory itself, so the pieces chain after `eval.run` as they do after `train.train_model`."""

@@ -214,11 +214,14 @@ def stage_predictors(s: RunSettings, traces_dir: Path, out: Path, log=print) -> 
   return dirs
 
 
-def program_runs(cfg, cache_bytes: int, expert_bytes: int, prompt_len: int) -> set[str]:
+def program_runs(cfg, cache_bytes: int, expert_bytes: int, prompt_len: int, predictor=None) -> set[str]:
   """The strategies engine v2 runs at this budget: those it supports, when one layer of the longest
-  prompt fits its cache (else the per-layer engine streams the prompt through the cache)."""
+  prompt fits its cache (else the per-layer engine streams the prompt through the cache); `learned`
+  only with a predictor of v2's plan lead (the job's predictors score the tokens they read)."""
   fits = slot_count(cache_bytes, expert_bytes, cfg.top_k) >= min(prompt_len * cfg.top_k, cfg.n_experts)
-  return {name for name in program.SUPPORTED if fits or name == "resident"}
+  lead_ok = getattr(predictor, "lead", 0) == program.PLAN_LEAD
+  return {name for name in program.SUPPORTED
+          if (fits or name == "resident") and (name != "learned" or lead_ok)}
 
 
 def timed_requests(eng, prompt, new_tokens: int, repeats: int) -> list[tuple[np.ndarray, Any]]:
@@ -291,7 +294,7 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   prompts = {p: val[None, :p].astype(np.int32) for p in sorted(set(s.prompt_lengths))}
   ppl_seq = val[None, :min(2 * s.new_tokens, cfg.max_seq_len)].astype(np.int32)
   engines: dict[str, Any] = {}
-  v2 = program_runs(cfg, cache_bytes, store.expert_bytes, max(prompts))
+  v2 = program_runs(cfg, cache_bytes, store.expert_bytes, max(prompts), predictor)
 
   def engine(name, **kw):
     """Engine v2 (one program per step) for the strategies it runs, else the per-layer engine."""

@@ -76,11 +76,14 @@ def expert_ffn(x_rows: jax.Array, expert_weights: Mapping[str, jax.Array], group
   return pallas_kernels.grouped_matmul(h, w["w_down"], group_sizes, rhs_index=rhs_index, impl=impl)
 
 
-def combine(y_rows: jax.Array, d: Dispatch, weights: jax.Array) -> jax.Array:
-  """Undo the dispatch sort and sum each token's k outputs. y_rows [T*k, D] -> [T, D]."""
+def combine(y_rows: jax.Array, d: Dispatch, weights: jax.Array,
+            partial: jax.Array | None = None) -> jax.Array:
+  """Undo the dispatch sort and sum each token's k outputs. y_rows [T*k, D] -> [T, D]. `partial`
+  [T, D] f32: the weighted outputs of experts computed elsewhere, added before the sum is rounded."""
   t, k = weights.shape
   y = jnp.zeros_like(y_rows).at[d.order].set(y_rows).reshape(t, k, -1)
-  return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(y_rows.dtype)
+  out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
+  return (out if partial is None else out + partial).astype(y_rows.dtype)
 
 
 def moe_ffn(x: jax.Array, r: Routing, expert_weights: Mapping[str, jax.Array], activation: str, *,

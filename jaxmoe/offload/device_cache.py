@@ -177,6 +177,21 @@ def serve_layer(state: CacheState, pools: Mapping[str, jax.Array], host_view: ja
       jnp.sum(flags).astype(jnp.int32), routed
 
 
+def lookup_layer(state: CacheState, layer: int, experts: jax.Array):
+  """Traced: `serve_layer` that admits nothing: the cached experts among `experts` [N, k] (ids of
+  `layer`) are used now, the others stay where they are (computed on the host, `host_experts`).
+  -> (state, rhs_index [E] slot of each expert (0 where not cached), cached [N, k] per routed pair,
+  hits [], misses [], routed [U] distinct experts padded with -1)."""
+  n_experts = state.table.shape[1]
+  state = state._replace(clock=state.clock + 1)
+  routed = distinct(experts, n_experts)
+  slots = jnp.where(routed >= 0, state.table[layer, jnp.maximum(routed, 0)], -1)
+  state = _touch(state, jnp.maximum(slots, 0), slots >= 0)
+  rhs_index = jnp.maximum(state.table[layer], 0)
+  return state, rhs_index, state.table[layer, experts] >= 0, jnp.sum(slots >= 0).astype(jnp.int32), \
+      jnp.sum((routed >= 0) & (slots < 0)).astype(jnp.int32), routed
+
+
 def _release_layer(state: CacheState, layer: int, n_experts: int) -> CacheState:
   """Every slot of `layer` becomes free (its data stays until overwritten)."""
   mine = (state.owner >= 0) & (state.owner // n_experts == layer)

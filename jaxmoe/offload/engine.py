@@ -152,6 +152,7 @@ class OffloadEngine:
     self.fuse_resident_step = bool(fuse_resident_step)
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
+    strategy = strategies.device_only(strategy, "OffloadEngine")
     if getattr(strategy, "lead", 0):
       raise ValueError(f"OffloadEngine plans each step with its tokens in hand: learned needs a predictor "
                        f"of lead 0, got lead {strategy.lead} (ProgramEngine plans with lead 2)")

@@ -83,20 +83,35 @@ def device_view(owner: jax.Array, shape: tuple[int, ...], dtype, byte_offset: in
   device = next(iter(owner.devices()))
   if memory_kind == "pinned_host" and device.platform != "gpu":
     raise NotImplementedError("pinned host views of part of an array need a GPU backend")
-  nbytes = int(np.prod(shape)) * dtype.itemsize
-  if byte_offset + nbytes > owner.nbytes:
-    raise ValueError(f"a view of {nbytes} bytes at {byte_offset} exceeds its owner's {owner.nbytes}")
-  pointer = owner.unsafe_buffer_pointer() + byte_offset
   if device.platform != "gpu":
     device_type = _KDL_CPU
   else:
     device_type = _KDL_CUDA_HOST if memory_kind == "pinned_host" else _KDL_CUDA
+  return _view(owner, shape, dtype, byte_offset, device_type, device.local_hardware_id or 0)
+
+
+def cpu_view(owner: jax.Array, shape: tuple[int, ...], dtype, byte_offset: int = 0) -> jax.Array:
+  """An array of the CPU backend over the bytes of `owner` (a single-device array in host memory:
+  pinned on a GPU) from `byte_offset` on (a multiple of 64), for compute on the host CPU next to the
+  data; no copy. It must never be written nor donated."""
+  dtype = np.dtype(dtype)
+  if byte_offset % 64:
+    raise ValueError(f"a CPU view must start at a multiple of 64 bytes, got {byte_offset}")
+  return _view(owner, shape, dtype, byte_offset, _KDL_CPU, 0)
+
+
+def _view(owner: jax.Array, shape: tuple[int, ...], dtype: np.dtype, byte_offset: int,
+          device_type: int, device_id: int) -> jax.Array:
+  """The DLPack handover of `device_view` and `cpu_view`: `owner` stays alive as long as the view."""
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  if byte_offset + nbytes > owner.nbytes:
+    raise ValueError(f"a view of {nbytes} bytes at {byte_offset} exceeds its owner's {owner.nbytes}")
+  pointer = owner.unsafe_buffer_pointer() + byte_offset
   dims = (ctypes.c_int64 * len(shape))(*shape)
   managed = _DLManagedTensor()
-  managed.dl_tensor = _DLTensor(pointer, _DLDevice(device_type, device.local_hardware_id or 0),
-                                len(shape), _dtype_code(dtype), dims, None, 0)
+  managed.dl_tensor = _DLTensor(pointer, _DLDevice(device_type, device_id), len(shape),
+                                _dtype_code(dtype), dims, None, 0)
   managed.deleter = _release
   _LIVE[ctypes.addressof(managed)] = (managed, dims, owner)
   capsule = _PyCapsule_New(ctypes.addressof(managed), b"dltensor", None)
-  return jax.dlpack.from_dlpack(_Exported(capsule, device_type, device.local_hardware_id or 0),
-                                copy=False)
+  return jax.dlpack.from_dlpack(_Exported(capsule, device_type, device_id), copy=False)

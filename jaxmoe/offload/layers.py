@@ -113,15 +113,17 @@ def expert_rows(cfg, pools, rhs_index, h, experts):
                            rhs_index=rhs_index, impl=cfg.kernel_impl)
 
 
-def finish(layer, y_rows, d, weights, h, x):
-  """combine + shared expert + residual, in the model's order of operations."""
-  y = moe.combine(y_rows, d, weights) + layer.moe.shared(h)
+def finish(layer, y_rows, d, weights, h, x, partial=None):
+  """combine (with `partial`, see `moe.combine`) + shared expert + residual, in the model's order of
+  operations."""
+  y = moe.combine(y_rows, d, weights, partial) + layer.moe.shared(h)
   return x + y.reshape(x.shape)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def layer_ffn(structure: Structure, leaves, pools, rhs_index, h, x, experts, weights):
-  """The MoE FFN of one layer on pools {name: [S, ...]} (group e reads slot rhs_index[e])."""
+def layer_ffn(structure: Structure, leaves, pools, rhs_index, h, x, experts, weights, partial=None):
+  """The MoE FFN of one layer on pools {name: [S, ...]} (group e reads slot rhs_index[e]); `partial`
+  [B*T, D] f32: the weighted outputs of routed experts computed elsewhere (their `weights` zero)."""
   layer = structure.merge(leaves)
   d, y_rows = expert_rows(layer.moe.cfg, pools, rhs_index, h, experts)
-  return finish(layer, y_rows, d, weights, h, x)
+  return finish(layer, y_rows, d, weights, h, x, partial)

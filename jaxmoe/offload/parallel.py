@@ -227,7 +227,7 @@ class ExpertParallelEngine(OffloadEngine):
     self.owned = [[int(e) for e in np.flatnonzero(self.owner == d)] for d in range(n)]
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
-    self.strategy = strategy
+    self.strategy = strategies.device_only(strategy, type(self).__name__)
     self._check_budget(cache_bytes_per_device)
     if store is None:
       store = ExpertStore.from_model(model, self.devices[0])

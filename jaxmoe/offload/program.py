@@ -7,8 +7,10 @@ it. Plans for step s+1 (`oracle`, `noisy_oracle`: the next step's experts; `lear
 guess) are copied to the device before step s is dispatched, overlapping it, and admitted by step
 s+1's program before its first layer. The host has then read the tokens up to step s-1's input, two
 positions before step s+1's: `learned` needs a predictor of lead `PLAN_LEAD` (trained to predict the
-routing of the token two after the last one it reads). The true router decides what is computed:
-tokens and logits equal the all-resident model's.
+routing of the token two after the last one it reads).
+`hybrid` decode steps admit nothing: each layer's cached routed experts run on the device and the
+others on the host CPU through a callback inside the same program (`host_experts`), the shares summed.
+The true router decides what is computed: tokens and logits equal the all-resident model's.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import numpy as np
 
 from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
-from jaxmoe.offload import device_cache, strategies
+from jaxmoe.offload import device_cache, host_experts, strategies
 from jaxmoe.offload.cache import CopyRecord, empty_pools, slot_count, write_slots
 from jaxmoe.offload.layers import attend_route, embed, last_logits, layer_ffn, split_model
 from jaxmoe.offload.stats import OffloadStats
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
-SUPPORTED = ("resident", "on_demand", "lru", "lfu", "oracle", "noisy_oracle", "learned")
+SUPPORTED = ("resident", "on_demand", "lru", "lfu", "hybrid", "oracle", "noisy_oracle", "learned")
 PLAN_LEAD = 2  # a decode step's input token is this many positions past the last one read at its plan
 
 
@@ -40,20 +42,21 @@ class StepOut(NamedTuple):
   pools: dict  # {name: [S, ...]}
   state: device_cache.CacheState
   hits: jax.Array  # [L] int32 routed experts found cached
-  misses: jax.Array  # [L] int32 routed experts read from host memory
+  misses: jax.Array  # [L] int32 routed experts not cached (read from host memory, or computed there)
   routed: tuple  # [L] of [U] distinct routed experts, -1 padded
   pos: jax.Array  # [] tokens in the KV cache after the step
   step: jax.Array  # [] steps run (sampling key)
   table: jax.Array  # [L, E] the cache table after the step (a copy the host may read)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5),
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames="host",
                    donate_argnames=("pools", "state", "kv"))
 def _step(head, structure, layout, policy: str, keep: bool, temperature: float, head_leaves,
           layer_leaves, views, pools, state, kv, tokens, pos, step, key,
-          plan: device_cache.Admission) -> StepOut:
+          plan: device_cache.Admission, host: host_experts.Handle | None = None) -> StepOut:
   """One step over tokens [B, T] at position `pos`: the plan's uses set and its copies admitted, then
-  every layer with its experts served from the cache or host memory, then the next token."""
+  every layer with its experts served from the cache or host memory (`host`: uncached ones computed on
+  the host, nothing admitted), then the next token."""
   impl = structure.merge(layer_leaves[0]).moe.cfg.kernel_impl  # the one kernel switch
   state, pools = device_cache.admit_plan(state, pools, plan, layout=layout, policy=policy, impl=impl)
   b, t = tokens.shape
@@ -63,15 +66,20 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
   for layer, (leaves, view, layer_cache) in enumerate(zip(layer_leaves, views, kv)):
     x, h, experts, weights, layer_cache, _ = attend_route(structure, leaves, (), x, positions,
                                                           layer_cache, pos)
+    on_host = None  # [B*T, D] f32 weighted outputs of the experts computed on the host
     if policy == "resident":  # every expert in slot layer * E + expert: nothing to decide
       n_experts = state.table.shape[1]
       rhs_index = layer * n_experts + jnp.arange(n_experts, dtype=jnp.int32)
       ids = device_cache.distinct(experts, n_experts)
       hit, miss = jnp.sum(ids >= 0).astype(jnp.int32), jnp.zeros((), jnp.int32)
+    elif host is not None:  # the device's share (cached pairs) does not wait for the host's
+      state, rhs_index, on_device, hit, miss, ids = device_cache.lookup_layer(state, layer, experts)
+      on_host = host(layer, h, jnp.where(on_device, -1, experts), weights)
+      weights = jnp.where(on_device, weights, 0.0)
     else:
       state, pools, rhs_index, hit, miss, ids = device_cache.serve_layer(
           state, pools, view, layer, experts, layout=layout, policy=policy, keep=keep, impl=impl)
-    x = layer_ffn(structure, leaves, pools, rhs_index, h, x, experts, weights)
+    x = layer_ffn(structure, leaves, pools, rhs_index, h, x, experts, weights, on_host)
     hits.append(hit)
     misses.append(miss)
     routed.append(ids)
@@ -139,6 +147,12 @@ class ProgramEngine:
       raise ValueError(f"strategy {strategy.name!r} needs cache_bytes (the device expert budget)")
     self.n_slots = slot_count(cache_bytes, self.store.expert_bytes, cfg.top_k)
     self._policy = "resident" if strategy.resident else strategy.eviction
+    # `hybrid`: whether decode steps compute the experts they find uncached on the host (else they
+    # read them into the cache, as `lru`), and the rates measured to decide it
+    self.host_choice = (host_experts.choose(self.store, strategy.host_compute)
+                        if strategy.host_compute else None)
+    self._host = (host_experts.HostExperts.of(self.store)
+                  if self.host_choice and self.host_choice.on_host else None)
     self._keep = strategy.keeps_experts
     self._pools = empty_pools(self.store, self.n_slots, device or self.store.device)
     self._state = put(device_cache.empty_state(cfg.n_layers, cfg.n_experts, self.n_slots))
@@ -221,7 +235,8 @@ class ProgramEngine:
                for c in init_cache(self.cfg, b).layers)
     pos, step = jax.device_put((np.int32(0), np.int32(0)), self._sharding)
     self._pending = self._issue_plan(0, copy=False)  # a prompt's misses are read in place
-    return self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step)
+    return self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step,
+                     decoding=False)
 
   def _read(self, out: StepOut) -> "_StepRecord":
     """One device-to-host read of a finished step's small outputs (its device arrays are then free)."""
@@ -242,14 +257,17 @@ class ProgramEngine:
 
   # -------------------------------------------------------------- internals
 
-  def _run(self, kv, tokens, pos, step, key, temperature, next_step: int | None) -> StepOut:
+  def _run(self, kv, tokens, pos, step, key, temperature, next_step: int | None,
+           decoding: bool = True) -> StepOut:
     """Dispatch one step with the copies issued for it; first issue those of `next_step` (the
-    strategy's step numbering: 0 is the prompt; None: no plan), so that they overlap this step."""
+    strategy's step numbering: 0 is the prompt; None: no plan), so that they overlap this step.
+    `decoding`: one token after the prompt (`hybrid` computes its uncached experts on the host)."""
     plan = self._pending
     self._pending = self._no_plan if next_step is None else self._issue_plan(next_step)
+    host = self._host.handle if self._host is not None and decoding else None
     out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
                 self._head_leaves, self._layer_leaves, self._views, self._pools, self._state, kv, tokens,
-                pos, step, key, plan)
+                pos, step, key, plan, host=host)
     self._pools, self._state = out.pools, out.state
     return out
 
@@ -310,7 +328,11 @@ class ProgramEngine:
     stats.hits = np.sum([s.hits for s in steps], axis=0).astype(int).tolist()
     stats.misses = np.sum([s.misses for s in steps], axis=0).astype(int).tolist()
     stats.routing = [[sorted(int(e) for e in ids if e >= 0) for ids in s.routed] for s in steps]
-    stats.step_read_bytes = [int(np.sum(s.misses)) * self.store.expert_bytes for s in steps]
+    on_host = [self._host is not None and n > 0 for n in range(len(steps))]  # decode steps of `hybrid`
+    stats.step_read_bytes = [0 if host else int(np.sum(s.misses)) * self.store.expert_bytes
+                             for s, host in zip(steps, on_host)]
+    stats.host_experts = sum(int(np.sum(s.misses)) for s, host in zip(steps, on_host) if host)
+    stats.decode_misses = "host" if self._host is not None else "device"
     stats.host_read_bytes = sum(stats.step_read_bytes)
     stats.logits = np.stack([s.logits for s in steps], axis=1)
     for c in self._copies:  # a copy of an expert its step routed to was used (others: wasted bytes)

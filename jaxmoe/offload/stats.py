@@ -21,12 +21,15 @@ class OffloadStats:
   batch: int = 0
   hits: list[int] = dataclasses.field(default_factory=list)  # [L] routed experts found cached
   misses: list[int] = dataclasses.field(default_factory=list)  # [L] routed experts fetched on demand
+  # (ProgramEngine: routed experts found uncached, read into the cache or computed on the host)
   # [L] waits for copies: the host's, or (FFN dispatched with its copies in flight) from the dispatch
   # until the last of them landed, by the copy watcher's time stamps
   stall_s: list[float] = dataclasses.field(default_factory=list)
   copies: list[CopyRecord] = dataclasses.field(default_factory=list)  # issue/ready, this request
   host_read_bytes: int = 0  # experts read straight from host memory by compiled steps (ProgramEngine)
   step_read_bytes: list[int] = dataclasses.field(default_factory=list)  # the same, per step
+  decode_misses: str = "device"  # where decode steps' misses ran: "device" (brought over) or "host"
+  host_experts: int = 0  # routed experts computed on the host CPU (`hybrid`), all steps and layers
   routing: list[list[list[int]]] = dataclasses.field(default_factory=list)  # [step][layer] experts
   redone: int = 0  # steps redone from a speculated layer that lacked a routed expert
   speculated: int = 0  # layers computed on the plan before their routing was read (and found right)
@@ -69,4 +72,5 @@ class OffloadStats:
             "bytes_useful": self.bytes_useful, "bytes_wasted": self.bytes_wasted,
             "hits": list(self.hits), "misses": list(self.misses), "stall_s": list(self.stall_s),
             "n_copies": len(self.copies), "redone": self.redone,
-            "speculated": self.speculated}
+            "speculated": self.speculated, "decode_misses": self.decode_misses,
+            "host_experts": self.host_experts}

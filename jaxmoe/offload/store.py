@@ -86,12 +86,16 @@ class ExpertStore:
     """The packed expert [P] in pinned_host memory."""
     return self._buffers[layer][expert]
 
-  def host_view(self, layer: int) -> jax.Array:
-    """The layer's experts [E, P] as device-addressable memory over the pinned allocation (no copy)."""
+  def pinned(self, layer: int) -> jax.Array:
+    """The layer's experts [E, P]: the one pinned allocation they live in."""
     if self._layers is None:
       raise ValueError("this store keeps its experts in separate buffers; build it with from_layers")
+    return self._layers[layer]
+
+  def host_view(self, layer: int) -> jax.Array:
+    """The layer's experts [E, P] as device-addressable memory over the pinned allocation (no copy)."""
     if layer not in self._views:
-      arr = self._layers[layer]
+      arr = self.pinned(layer)
       self._views[layer] = hostview.device_view(arr, arr.shape, arr.dtype)
     return self._views[layer]
 

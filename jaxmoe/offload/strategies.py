@@ -8,6 +8,7 @@ the router chose (misses are fetched on demand), so every strategy is exact.
 | `resident`     | nothing: every expert lives on the device                          | -          |
 | `on_demand`    | nothing; experts are dropped after their layer (no reuse)          | -          |
 | `lru` / `lfu`  | nothing; experts stay cached                                       | LRU / LFU  |
+| `hybrid`       | nothing; decode misses computed on the host CPU, not admitted     | LRU        |
 | `stream_all`   | every expert of every layer, in layer order                        | predicted  |
 | `next_gate`    | layer l's hidden state through the gates of layers l+1..l+depth    | predicted  |
 | `oracle`       | the experts a previous exact run routed to (`routing`)             | predicted  |
@@ -17,6 +18,11 @@ the router chose (misses are fetched on demand), so every strategy is exact.
 "predicted" evicts the expert whose next planned use is furthest away (unplanned first, then LRU); a
 prefetch takes only the slot Belady's MIN would free for it when it is used, and waits until then if
 that expert is still needed (`ExpertCache.reserve`).
+
+`hybrid` (ProgramEngine only) serves a prompt's misses as `lru` does; in a decode step the cached
+routed experts run on the device and the others on the host CPU from its copy of their weights
+(`host_experts`), the two shares summed: `host_compute="auto"` does so when the host was measured to
+compute an expert faster than the link copies it, "always" / "never" force either way.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Strategy:
   speculation_depth = 0  # gates of layers l+1..l+depth applied to layer l's hidden state
   speculative = False  # plans whole steps: the engine may compute a layer before reading its routing
   plan_covers_routing = False  # the step's plan always holds every expert the router will choose
+  host_compute: str | None = None  # `hybrid`: where decode misses run (HOST_COMPUTE)
 
   def plan_step(self, history: np.ndarray, n_new: int, step: int, n_slots: int,
                 n_layers: int) -> StepPlan | None:
@@ -71,6 +78,18 @@ class OnDemand(Strategy):
 
 class LRU(Strategy):
   name = "lru"
+
+
+HOST_COMPUTE = ("auto", "always", "never")  # `hybrid`: measured, forced on, forced off
+
+
+class Hybrid(Strategy):
+  name = "hybrid"
+
+  def __init__(self, host_compute: str = "auto"):
+    if host_compute not in HOST_COMPUTE:
+      raise ValueError(f"host_compute must be one of {HOST_COMPUTE}, got {host_compute!r}")
+    self.host_compute = host_compute
 
 
 class LFU(Strategy):
@@ -206,20 +225,22 @@ class Learned(Strategy):
     return plan
 
 
-NAMES = ("resident", "on_demand", "lru", "lfu", "stream_all", "next_gate", "oracle", "noisy_oracle",
+NAMES = ("resident", "on_demand", "lru", "lfu", "hybrid", "stream_all", "next_gate", "oracle", "noisy_oracle",
          "learned")
 
 
 def make(name: str, *, n_experts: int, predictor=None, routing: RoutingTrace | None = None,
-         recall: float = 1.0, seed: int = 0, depth: int = 1) -> Strategy:
+         recall: float = 1.0, seed: int = 0, depth: int = 1, host_compute: str = "auto") -> Strategy:
   """The strategy called `name`; `oracle`/`noisy_oracle` need `routing` (e.g. `stats.routing` of an
-  earlier exact run of the same request), `learned` needs `predictor`."""
+  earlier exact run of the same request), `learned` needs `predictor`; `hybrid` takes
+  `host_compute` ("auto" | "always" | "never")."""
   if name in ("oracle", "noisy_oracle") and routing is None:
     raise ValueError(f"{name} needs `routing` recorded from an earlier run (OffloadStats.routing)")
   if name == "learned" and predictor is None:
     raise ValueError("learned needs a predictor (the RoutingPredictor protocol)")
   builders = {
       "resident": Resident, "on_demand": OnDemand, "lru": LRU, "lfu": LFU,
+      "hybrid": lambda: Hybrid(host_compute),
       "stream_all": lambda: StreamAll(n_experts),
       "next_gate": lambda: NextGate(depth),
       "oracle": lambda: Oracle(routing),
@@ -229,6 +250,14 @@ def make(name: str, *, n_experts: int, predictor=None, routing: RoutingTrace | N
   if name not in builders:
     raise ValueError(f"unknown strategy {name!r}; choose one of {NAMES}")
   return builders[name]()
+
+
+def device_only(strategy: Strategy, engine: str) -> Strategy:
+  """`strategy`, unless it computes experts on the host (`hybrid`), which only ProgramEngine runs."""
+  if strategy.host_compute is not None:
+    raise NotImplementedError(f"strategy {strategy.name!r} computes experts on the host; {engine} runs "
+                              f"every expert on its device (use ProgramEngine)")
+  return strategy
 
 
 def min_copies(routing: RoutingTrace, n_slots: int, resident: Sequence[tuple[int, int]] = ()) -> int:

@@ -105,12 +105,20 @@ def test_bench_parallel_cpu_smoke(tmp_path, docs_untouched):
 def test_bench_program_cpu_smoke_is_exact(tmp_path):
   from eval import bench_program
   assert bench_program.main(["--presets", "tiny", "--new-tokens", "3", "--prompt-lengths", "8",
-                             "--repeats", "1", "--strategies", "resident,lru", "--out", str(tmp_path)]) == 0
-  rows = json.loads((tmp_path / "results.json").read_text())["presets"][0]["rows"]
-  assert {(r["engine"], r["strategy"]) for r in rows} == {(e, s) for e in ("v2", "v1")
-                                                           for s in ("resident", "lru")}
+                             "--repeats", "1", "--strategies", "lru,hybrid", "--cache-fractions", "0.5,1",
+                             "--out", str(tmp_path)]) == 0
+  preset = json.loads((tmp_path / "results.json").read_text())["presets"][0]
+  rows = preset["rows"]
+  # each strategy at each fraction; hybrid on v2 only, its decode misses computed on the host
+  assert {(r["engine"], r["strategy"], r["cache_fraction"]) for r in rows} == (
+      {(e, "lru", f) for e in ("v2", "v1") for f in (0.5, 1)} | {("v2", "hybrid", f) for f in (0.5, 1)})
   assert all(r["tokens_equal"] and "error" not in r for r in rows)
-  assert (tmp_path / "table.md").read_text().count("tiny") == 4
+  hybrid = {r["cache_fraction"]: r for r in rows if r["strategy"] == "hybrid"}
+  assert hybrid[0.5]["host_experts"] > 0 and hybrid[0.5]["on_demand_per_token"] == 0
+  # the cache holds what the prompt routed and decode steps admit nothing: a larger one leaves less
+  assert hybrid[1]["host_experts"] <= hybrid[0.5]["host_experts"]
+  assert preset["host_read_bytes_per_s"] > 0 and preset["host_expert_bytes_per_s"] > 0
+  assert (tmp_path / "table.md").read_text().count("tiny") == 6
 
 
 def test_bench_program_learned_needs_a_predictor(capsys):

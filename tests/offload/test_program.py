@@ -12,7 +12,7 @@ from jaxmoe.offload import OffloadEngine, device_cache, strategies
 from jaxmoe.offload.hostview import device_view
 from jaxmoe.offload.program import PLAN_LEAD, SUPPORTED, ProgramEngine
 from jaxmoe.offload.store import expert_layout, host_sharding
-from tests.offload.reference_runs import NEW_TOKENS, PROMPT_LEN, TablePredictor, build_reference
+from tests.offload.reference_runs import NEW_TOKENS, PROMPT_LEN, VARIANTS, TablePredictor, build_reference
 
 
 def _strategy(name, ref):
@@ -22,6 +22,8 @@ def _strategy(name, ref):
     predictor = TablePredictor(ref.routing, PROMPT_LEN, ref.cfg.n_layers, ref.cfg.n_experts,
                                wrong=name == "learned_wrong", lead=PLAN_LEAD)
     return strategies.make("learned", n_experts=ref.cfg.n_experts, predictor=predictor)
+  if name == "hybrid":  # "auto" would measure the machine; the host's sums are not bitwise
+    return strategies.make(name, n_experts=ref.cfg.n_experts, host_compute="never")
   return name
 
 
@@ -52,6 +54,41 @@ def test_every_strategy_is_exact(built_references, variant, name):
     assert stats.copies and all(c.used == (name == "learned_right") for c in stats.copies)
   assert stats.bytes_useful <= stats.bytes_copied == (stats.host_read_bytes
                                                       + len(stats.copies) * cfg.expert_bytes)
+
+
+def _hybrid_and_lru(reference, host_compute):
+  """One request of `hybrid` (host_compute forced) and of `lru` on the smallest budget the prompt fits:
+  8 slots for 2 layers of 8 experts, so that decode steps miss."""
+  cfg = reference.cfg
+  hybrid = strategies.make("hybrid", n_experts=cfg.n_experts, host_compute=host_compute)
+  runs = [ProgramEngine(reference.model, cache_bytes=cfg.n_experts * cfg.expert_bytes,
+                        strategy=s).generate(reference.prompt, NEW_TOKENS) for s in (hybrid, "lru")]
+  return runs[0], runs[1][1]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_hybrid_computes_decode_misses_on_the_host(built_references, variant):
+  reference = build_reference(built_references, variant)
+  (tokens, stats), lru = _hybrid_and_lru(reference, "always")
+  np.testing.assert_array_equal(tokens, reference.out.tokens)
+  # not bitwise: a token's expert outputs are summed in another order (the host's share is added last)
+  np.testing.assert_allclose(stats.logits, reference.out.logits, rtol=1e-5, atol=1e-5)
+  assert stats.routing == reference.routing
+  prompt_misses = stats.step_read_bytes[0] // reference.cfg.expert_bytes
+  assert stats.decode_misses == "host" and stats.host_experts == sum(stats.misses) - prompt_misses > 0
+  assert sum(stats.step_read_bytes[1:]) == 0 and stats.host_read_bytes == stats.step_read_bytes[0]
+  assert stats.step_read_bytes[0] == lru.step_read_bytes[0]  # the prompt is served as lru serves it
+  assert sum(lru.step_read_bytes[1:]) > 0  # the test is not trivial: LRU reads in decode steps
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_hybrid_without_host_compute_is_lru(built_references, variant):
+  reference = build_reference(built_references, variant)
+  (tokens, stats), lru = _hybrid_and_lru(reference, "never")
+  np.testing.assert_array_equal(tokens, reference.out.tokens)
+  np.testing.assert_array_equal(stats.logits, lru.logits)
+  assert (stats.hits, stats.misses, stats.step_read_bytes) == (lru.hits, lru.misses, lru.step_read_bytes)
+  assert stats.decode_misses == "device" and stats.host_experts == 0
 
 
 def test_oracle_copies_each_decode_step_ahead_and_reads_nothing_then():
@@ -124,6 +161,10 @@ def test_budgets_too_small_are_refused_with_the_size_needed(swiglu_reference):
 def test_strategies_it_does_not_run_say_so(swiglu_reference):
   with pytest.raises(NotImplementedError, match="OffloadEngine"):
     ProgramEngine(swiglu_reference.model, cache_bytes=10**9, strategy="next_gate")
+  with pytest.raises(NotImplementedError, match="ProgramEngine"):
+    OffloadEngine(swiglu_reference.model, cache_bytes=10**9, strategy="hybrid")
+  with pytest.raises(ValueError, match="host_compute must be one of"):
+    strategies.make("hybrid", n_experts=8, host_compute="sometimes")
 
 
 def _serve_sequence(policy, keep, routes, n_slots=2, n_experts=4):
