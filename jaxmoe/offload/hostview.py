@@ -9,7 +9,9 @@ so the same call gives an ordinary aliasing view and the code paths that use it 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import weakref
 
 import jax
 import numpy as np
@@ -47,6 +49,19 @@ _LIVE: dict[int, tuple] = {}
 @_DELETER
 def _release(managed):
   _LIVE.pop(ctypes.addressof(managed.contents), None)
+
+
+_VIEWS: dict[int, weakref.ref] = {}  # the views not yet freed (arrays are not hashable)
+
+
+@atexit.register
+def _free_views():
+  """A view still alive when the interpreter is torn down crashes the process as it ends (its buffer
+  outlives the runtime): free every view at exit, while the interpreter still runs."""
+  for ref in list(_VIEWS.values()):
+    view = ref()
+    if view is not None and not view.is_deleted():
+      view.delete()
 
 
 _PyCapsule_New = ctypes.pythonapi.PyCapsule_New
@@ -114,4 +129,7 @@ def _view(owner: jax.Array, shape: tuple[int, ...], dtype: np.dtype, byte_offset
   managed.deleter = _release
   _LIVE[ctypes.addressof(managed)] = (managed, dims, owner)
   capsule = _PyCapsule_New(ctypes.addressof(managed), b"dltensor", None)
-  return jax.dlpack.from_dlpack(_Exported(capsule, device_type, device_id), copy=False)
+  view = jax.dlpack.from_dlpack(_Exported(capsule, device_type, device_id), copy=False)
+  key = id(view)
+  _VIEWS[key] = weakref.ref(view, lambda _: _VIEWS.pop(key, None))
+  return view
