@@ -67,11 +67,13 @@ def _request(engine, prompt, new_tokens: int, repeats: int):
 
 
 def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths, new_tokens: int,
-                 repeats: int, engines: list[str], names: list[str], predictor=None, log=print) -> dict:
+                 repeats: int, engines: list[str], names: list[str], predictor=None,
+                 plan_copies: bool = True, log=print) -> dict:
   cfg = config.preset(name)
   cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, n_layers=layers or cfg.n_layers)
   model = model_lib.create(cfg, 0)
-  out = {"preset": name, "config": cfg.to_dict(), **plain_decode(model, max(prompt_lengths))}
+  out = {"preset": name, "config": cfg.to_dict(), "plan_copies": plan_copies,
+         **plain_decode(model, max(prompt_lengths))}
   store = ExpertStore.from_model(model)
   bandwidth = measure_h2d_bandwidth(store)
   host_rate = host_experts.HostExperts.of(store).bytes_per_s()
@@ -100,7 +102,8 @@ def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths,
       if strategy == "hybrid":
         s = strategies.make("hybrid", n_experts=cfg.n_experts, host_compute="always")
       if engine_name == "v2":
-        return ProgramEngine(model, cache_bytes=cache_bytes, strategy=s, store=store)
+        return ProgramEngine(model, cache_bytes=cache_bytes, strategy=s, store=store,
+                             plan_copies=plan_copies)
       return OffloadEngine(model, cache_bytes=cache_bytes, strategy=s, store=store)
     row = {"engine": engine_name, "strategy": strategy, "cache_fraction": fraction,
            "cache_bytes": cache_bytes}
@@ -180,6 +183,9 @@ def main(argv=None) -> int:
   p.add_argument("--strategies", default="resident,on_demand,lru,oracle",
                  help="comma-separated (hybrid: host compute forced on, v2 only)")
   p.add_argument("--predictor", help="predictor directory for the learned strategy (train_predictor)")
+  p.add_argument("--no-plan-copies", dest="plan_copies", action="store_false",
+                 help="v2 oracle/learned: evict by the plan but read routed misses in place instead of "
+                      "copying planned experts ahead")
   p.add_argument("--out", default="runs/bench/bench_program", help="directory for results.json, table.md")
   a = p.parse_args(argv)
   if "learned" in a.strategies.split(",") and not a.predictor:
@@ -197,7 +203,7 @@ def main(argv=None) -> int:
   for name in a.presets.split(","):
     layers = a.layers or (a.mixtral_layers if name == "mixtral_shaped" else None)
     r = bench_preset(name, layers, a.cache_fractions, lengths, a.new_tokens, a.repeats,
-                     a.engines.split(","), a.strategies.split(","), predictor)
+                     a.engines.split(","), a.strategies.split(","), predictor, a.plan_copies)
     print(f"{name}: plain decode {r['plain_decode_s'] * 1e3:.3f} ms, HBM roofline {r['roofline_s'] * 1e3:.3f} ms, "
           f"v2 resident {r['compute_s'] * 1e3:.3f} ms, H2D {r['h2d_bytes_per_s'] / 1e9:.1f} GB/s, host read "
           f"{r['host_read_bytes_per_s'] / 1e9:.1f} GB/s, host expert FFN {r['host_expert_bytes_per_s'] / 1e9:.1f} GB/s")

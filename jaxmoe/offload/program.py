@@ -116,12 +116,16 @@ class ProgramEngine:
   expert budget (`resident`: every expert, loaded once). The budget must hold every expert one layer
   of a step can route: top_k per token of a decode step; for a prompt, min(tokens x top_k, experts).
   `resident` holds every expert from the start; the other strategies start each request cold after
-  `reset_cache`."""
+  `reset_cache`. `plan_copies` (strategies with plans): copy a step's planned experts ahead of it
+  (True) or only evict by the plan and read the routed misses in place (False): copies overlap
+  compute through the copy engine, but each one holds the host (docs/BENCHMARKS.md, "Engine v2")."""
 
   def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
-               store: ExpertStore | None = None, device: jax.Device | None = None):
+               store: ExpertStore | None = None, device: jax.Device | None = None,
+               plan_copies: bool = True):
     cfg = model.cfg
+    self.plan_copies = bool(plan_copies)
     self.cfg = cfg
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
@@ -263,7 +267,8 @@ class ProgramEngine:
     strategy's step numbering: 0 is the prompt; None: no plan), so that they overlap this step.
     `decoding`: one token after the prompt (`hybrid` computes its uncached experts on the host)."""
     plan = self._pending
-    self._pending = self._no_plan if next_step is None else self._issue_plan(next_step)
+    self._pending = (self._no_plan if next_step is None else
+                     self._issue_plan(next_step, copy=self.plan_copies))
     host = self._host.handle if self._host is not None and decoding else None
     out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
                 self._head_leaves, self._layer_leaves, self._views, self._pools, self._state, kv, tokens,

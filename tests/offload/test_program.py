@@ -107,6 +107,21 @@ def test_oracle_copies_each_decode_step_ahead_and_reads_nothing_then():
   assert sum(lru.step_read_bytes[1:]) > 0  # the test is not trivial: LRU misses there
 
 
+def test_oracle_without_plan_copies_evicts_by_its_plan_and_reads_in_place():
+  cfg = dataclasses.replace(config.tiny(), n_layers=3, kernel_impl="xla")
+  model = model_lib.create(cfg, seed=0)
+  prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 7))
+  want, ref = ProgramEngine(model, strategy="resident").generate(prompt, 8)
+  oracle = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref.routing)
+  engine = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy=oracle, plan_copies=False)
+  tokens, stats = engine.generate(prompt, 8)
+  np.testing.assert_array_equal(tokens, want)
+  np.testing.assert_array_equal(stats.logits, ref.logits)
+  assert not stats.copies
+  lru = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy="lru").generate(prompt, 8)[1]
+  assert sum(stats.step_read_bytes[1:]) < sum(lru.step_read_bytes[1:])  # Belady reads fewer
+
+
 def test_learned_needs_a_predictor_of_the_engines_lead(swiglu_reference):
   ref = swiglu_reference
   for lead, engine in ((0, ProgramEngine), (PLAN_LEAD, OffloadEngine)):
