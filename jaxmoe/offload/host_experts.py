@@ -31,6 +31,7 @@ from jaxmoe.offload import hostview
 from jaxmoe.offload.strategies import HOST_COMPUTE
 from jaxmoe.offload.store import ExpertStore, measure_h2d_bandwidth
 
+
 def _matmul(x, w):
   """x @ w as the device kernels compute it: operands in x's dtype, products and sums in f32."""
   return jnp.dot(x.astype(jnp.float32), w.astype(x.dtype).astype(jnp.float32),

@@ -91,34 +91,37 @@ def test_hybrid_without_host_compute_is_lru(built_references, variant):
   assert stats.decode_misses == "device" and stats.host_experts == 0
 
 
-def test_oracle_copies_each_decode_step_ahead_and_reads_nothing_then():
+@pytest.fixture(scope="module")
+def oracle_case():
+  """A 3-layer model, a prompt, its resident run, the oracle replaying it and LRU's run, all with 10
+  slots: a decode step routes 6 experts, so the copies for the next step must evict well."""
   cfg = dataclasses.replace(config.tiny(), n_layers=3, kernel_impl="xla")
   model = model_lib.create(cfg, seed=0)
   prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 7))
   want, ref = ProgramEngine(model, strategy="resident").generate(prompt, 8)
   oracle = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref.routing)
-  # 10 slots: a decode step routes 6 experts, so the copies for the next step must evict well
-  engine = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy=oracle)
+  lru = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy="lru").generate(prompt, 8)[1]
+  assert sum(lru.step_read_bytes[1:]) > 0  # the tests are not trivial: LRU misses there
+  return model, prompt, want, ref, oracle, lru
+
+
+def test_oracle_copies_each_decode_step_ahead_and_reads_nothing_then(oracle_case):
+  model, prompt, want, _, oracle, _ = oracle_case
+  engine = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle)
   tokens, stats = engine.generate(prompt, 8)
   np.testing.assert_array_equal(tokens, want)
   assert stats.step_read_bytes[0] > 0 and sum(stats.step_read_bytes[1:]) == 0
   assert stats.copies and all(c.reason == "prefetch" and c.step >= 1 for c in stats.copies)
-  lru = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy="lru").generate(prompt, 8)[1]
-  assert sum(lru.step_read_bytes[1:]) > 0  # the test is not trivial: LRU misses there
 
 
-def test_oracle_without_plan_copies_evicts_by_its_plan_and_reads_in_place():
-  cfg = dataclasses.replace(config.tiny(), n_layers=3, kernel_impl="xla")
-  model = model_lib.create(cfg, seed=0)
-  prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 7))
-  want, ref = ProgramEngine(model, strategy="resident").generate(prompt, 8)
-  oracle = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref.routing)
-  engine = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy=oracle, plan_copies=False)
+def test_oracle_without_plan_copies_evicts_by_its_plan_and_reads_in_place(oracle_case):
+  model, prompt, want, ref, oracle, lru = oracle_case
+  engine = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle,
+                         plan_copies=False)
   tokens, stats = engine.generate(prompt, 8)
   np.testing.assert_array_equal(tokens, want)
   np.testing.assert_array_equal(stats.logits, ref.logits)
   assert not stats.copies
-  lru = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy="lru").generate(prompt, 8)[1]
   assert sum(stats.step_read_bytes[1:]) < sum(lru.step_read_bytes[1:])  # Belady reads fewer
 
 
