@@ -3,7 +3,8 @@ transformers + accelerate offloading to the CPU), on one random-weight checkpoin
 
 The checkpoint is built with transformers' own classes (OlmoeForCausalLM shaped like OLMoE-1B-7B:
 hidden 2048, 64 experts of intermediate 1024, top-8; or MixtralForCausalLM shaped like Mixtral-8x7B),
-every matrix drawn with std 1/sqrt(fan-in) so the logits are not degenerate, and saved as bf16
+every matrix drawn with std 1/sqrt(fan-in) (the attention output projections 4x smaller, so that
+greedy decoding does not cycle: `randomize`), and saved as bf16
 safetensors with `save_pretrained` into --workdir (reused when it already holds the same checkpoint).
 
 Systems, each measured on the same prompts:
@@ -138,8 +139,15 @@ def model_class(shape: str):
   return getattr(transformers, name)
 
 
+ATTENTION_OUT_SCALE = 0.25  # o_proj's std relative to 1/sqrt(fan-in) (see `randomize`)
+
+
 def randomize(model, seed: int):
-  """Norm weights near 1, every other tensor normal with std 1/sqrt(its last dim, the fan-in)."""
+  """Norm weights near 1, every other tensor normal with std 1/sqrt(its last dim, the fan-in), the
+  attention output projections ATTENTION_OUT_SCALE times that: at full scale the attention output, an
+  average over the context, dominates a random model's residual stream, and greedy decoding falls into
+  a short cycle whatever the prompt (a 4-layer OLMoE of hidden 512 on the CPU: 0.17 of 24 tokens
+  distinct after a 256-token prompt; 1.0 with o_proj 4x smaller)."""
   gen = torch.Generator(device=model.device).manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -147,13 +155,15 @@ def randomize(model, seed: int):
       if "norm" in name:
         p.copy_(1.0 + 0.1 * noise)
       else:
-        p.copy_(noise * p.shape[-1] ** -0.5)
+        scale = ATTENTION_OUT_SCALE if name.endswith("o_proj.weight") else 1.0
+        p.copy_(noise * scale * p.shape[-1] ** -0.5)
 
 
 def build_checkpoint(args, device: str, dtype: torch.dtype) -> str:
   """Save a random-weight checkpoint into --workdir unless it already holds this config."""
   cfg = hf_config(args)
-  stamp = {"shape": args.shape, "layers": args.layers, "dtype": str(dtype), "config": cfg.to_diff_dict()}
+  stamp = {"shape": args.shape, "layers": args.layers, "dtype": str(dtype), "config": cfg.to_diff_dict(),
+           "attention_out_scale": ATTENTION_OUT_SCALE}
   stamp_file = os.path.join(args.workdir, "bench_peer_stamp.json")
   if os.path.isfile(stamp_file):
     with open(stamp_file) as f:
@@ -307,9 +317,9 @@ def jax_request(engine, prompt: np.ndarray, new_tokens: int):
   return tokens[0, prompt.shape[1]:], stats.ttft_s, stats.tpot_s, stats
 
 
-def bench_jaxmoe(path, prompts, args, reference) -> dict:
+def bench_jaxmoe(path, prompts, args, reference, save=lambda rows: None) -> dict:
   """One row per strategy: an engine per prompt at the expert budget (oracle replays the routing of
-  the resident engine's run of that prompt)."""
+  the resident engine's run of that prompt); `save(rows)` after each row."""
   longest = max(args.prompt_lengths) + args.new_tokens + 1
   dtype = "float32" if args.cpu_smoke else None  # None: the checkpoint's bf16
   cfg, model = hf.from_pretrained(path, dtype=dtype, max_seq_len=longest)
@@ -342,11 +352,14 @@ def bench_jaxmoe(path, prompts, args, reference) -> dict:
         gc.collect()  # release this engine's device slot pool before the next one is made
     rows[f"jaxmoe_{name}"] = {"cache_bytes": store.nbytes if name == "resident" else cache_bytes,
                               "prompts": cells}
-  return {"engine": f"{Engine.__module__}.{Engine.__name__}", "config": cfg.to_dict(),
+    save(rows)
+  return {"config": cfg.to_dict(),
           "store_bytes": int(store.nbytes), "systems": rows}
 
 
-def bench(args) -> dict:
+def bench(args, save=lambda result: None) -> dict:
+  """Every system on the same prompts; `save(result so far)` after each system (a run cut short
+  keeps what it measured)."""
   t_start = time.perf_counter()
   device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
   dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
@@ -364,22 +377,31 @@ def bench(args) -> dict:
   reference = {n: np.asarray(c["tokens"]) for n, c in systems["hf_device"]["prompts"].items()}
   for cell in systems["hf_device"]["prompts"].values():
     cell["agreement"] = 1.0
-  systems["hf_accelerate"] = bench_accelerate(path, prompts, args, dtype, reference, other, expert)
-  jax_result = bench_jaxmoe(path, prompts, args, reference)
-  systems.update(jax_result.pop("systems"))
-  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "command": "python -m eval.bench_peer " + shlex.join(sys.argv[1:]),
-          "args": dict(vars(args)),
-          "torch_device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-          "jax_device": jax.devices()[0].device_kind,
-          "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                       "jax": jax.__version__},
-          "dtype": str(dtype).removeprefix("torch."), "checkpoint": os.path.abspath(path),
-          "non_expert_bytes": int(other), "expert_bytes": int(expert),
-          "prompts": {str(n): {"seed": p["seed"], "distinct": p["distinct"], "degenerate": p["degenerate"]}
-                      for n, p in prompts.items()},
-          **jax_result, "systems": {k: _str_keys(v) for k, v in systems.items()},
-          "wall_s": time.perf_counter() - t_start}
+  result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m eval.bench_peer " + shlex.join(sys.argv[1:]),
+            "args": dict(vars(args)),
+            "torch_device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "jax_device": jax.devices()[0].device_kind,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "jax": jax.__version__},
+            "dtype": str(dtype).removeprefix("torch."), "checkpoint": os.path.abspath(path),
+            "non_expert_bytes": int(other), "expert_bytes": int(expert),
+            "prompts": {str(n): {"seed": p["seed"], "distinct": p["distinct"], "degenerate": p["degenerate"]}
+                        for n, p in prompts.items()},
+            "engine": f"{Engine.__module__}.{Engine.__name__}", "systems": {}}
+
+  def update(new_systems: dict):
+    result["systems"].update({k: _str_keys(v) for k, v in new_systems.items()})
+    result["wall_s"] = time.perf_counter() - t_start
+    save(result)
+
+  update(systems)
+  update({"hf_accelerate": bench_accelerate(path, prompts, args, dtype, reference, other, expert)})
+  jax_result = bench_jaxmoe(path, prompts, args, reference, save=update)
+  jax_rows = jax_result.pop("systems")
+  result.update(jax_result)
+  update(jax_rows)
+  return result
 
 
 def _str_keys(system: dict) -> dict:
@@ -440,16 +462,21 @@ def table(result) -> str:
   return "\n".join([f"### {result['date']}", "", intro, ""] + lines + ([""] + notes if notes else []) + [""])
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
-  result = bench(args)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
+def write(result: dict, out: str) -> str:
+  """results.json and table.md into `out`; -> the table."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
   text = table(result)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
+  with open(os.path.join(out, "table.md"), "w") as f:
     f.write(text)
-  print(text)
+  return text
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  result = bench(args, save=lambda partial: write(partial, args.out))
+  print(write(result, args.out))
   return result
 
 

@@ -46,20 +46,34 @@ def empty_state(n_layers: int, n_experts: int, n_slots: int) -> CacheState:
 
 
 class Admission(NamedTuple):
-  """What a step's plan hands its program: where the planned experts will be used, which of them to
-  keep, and the copies of those the host expects uncached (a value: nothing is edited in place)."""
+  """What a step's plan hands its program (a value: nothing is edited in place): its small arrays
+  packed into one int32 vector, so that the host sends them in one transfer (`pack_plan`), and the
+  copies of the planned experts the host expects uncached."""
 
-  uses: jax.Array  # [2, L * E] planned uses as layer-clock ticks after the step's start (`plan_uses`)
-  touch_keys: jax.Array  # [n, 2] (layer, expert) planned for the step, -1 rows padding
-  fill_keys: jax.Array  # [len(buffers), 2] the experts copied
+  ints: jax.Array  # [2 * L * E + 2 * n + 2 * len(buffers)] int32: uses, touch keys, fill keys
   buffers: tuple  # [P] device copies in flight
+
+
+def pack_plan(offsets: np.ndarray, touch_keys: np.ndarray, fill_keys: np.ndarray) -> np.ndarray:
+  """Host side: planned uses `offsets` [2, L * E] (`use_offsets`), the (layer, expert) rows planned
+  for the step `touch_keys` [n, 2] and those copied `fill_keys` [P, 2] (-1 rows: padding) -> one
+  int32 vector for `Admission.ints`."""
+  return np.concatenate([np.asarray(a, np.int32).ravel() for a in (offsets, touch_keys, fill_keys)])
+
+
+def unpack_plan(plan: Admission, n_layers: int, n_experts: int):
+  """Traced: `Admission.ints` -> (uses [2, L * E], touch_keys [n, 2], fill_keys [P, 2])."""
+  n_uses, n_fill = 2 * n_layers * n_experts, 2 * len(plan.buffers)
+  ints = plan.ints
+  return (ints[:n_uses].reshape(2, -1), ints[n_uses:ints.shape[0] - n_fill].reshape(-1, 2),
+          ints[ints.shape[0] - n_fill:].reshape(-1, 2))
 
 
 def admit_plan(state: CacheState, pools, plan: Admission, *, layout, policy: str, impl: str = "auto"):
   """Traced, before a step's first layer: the plan's uses set, then its experts admitted (`admit`)."""
-  state = plan_uses(state, plan.uses)
-  return admit(state, pools, plan.touch_keys, plan.fill_keys, plan.buffers, layout=layout, policy=policy,
-               impl=impl)
+  uses, touch_keys, fill_keys = unpack_plan(plan, *state.table.shape)
+  state = plan_uses(state, uses)
+  return admit(state, pools, touch_keys, fill_keys, plan.buffers, layout=layout, policy=policy, impl=impl)
 
 
 def plan_uses(state: CacheState, offsets: jax.Array) -> CacheState:

@@ -41,12 +41,9 @@ class StepOut(NamedTuple):
   kv: tuple  # per-layer LayerCache
   pools: dict  # {name: [S, ...]}
   state: device_cache.CacheState
-  hits: jax.Array  # [L] int32 routed experts found cached
-  misses: jax.Array  # [L] int32 routed experts not cached (read from host memory, or computed there)
-  routed: tuple  # [L] of [U] distinct routed experts, -1 padded
+  summary: jax.Array  # int32, what the host reads of the step in one transfer (`_StepRecord.of`)
   pos: jax.Array  # [] tokens in the KV cache after the step
   step: jax.Array  # [] steps run (sampling key)
-  table: jax.Array  # [L, E] the cache table after the step (a copy the host may read)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames="host",
@@ -86,8 +83,11 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
     new_kv.append(layer_cache)
   logits = last_logits(head, head_leaves, x)
   token = select_token(logits, temperature, None if temperature == 0.0 else jax.random.fold_in(key, step))
-  return StepOut(token, logits, tuple(new_kv), pools, state, jnp.stack(hits), jnp.stack(misses),
-                 tuple(routed), pos + t, step + 1, state.table + 0)
+  # token [B], hits [L], misses [L] (routed experts found cached / not cached: read from host memory,
+  # or computed there), routed [L, U] distinct routed experts (-1 padded), the cache table [L, E]
+  summary = jnp.concatenate([token.astype(jnp.int32), jnp.stack(hits), jnp.stack(misses),
+                             jnp.stack(routed).ravel(), state.table.ravel()])
+  return StepOut(token, logits, tuple(new_kv), pools, state, summary, pos + t, step + 1)
 
 
 def _padded(keys: list[tuple[int, int]], size: int | None = None) -> np.ndarray:
@@ -106,7 +106,27 @@ class _StepRecord(NamedTuple):
   logits: np.ndarray  # [B, V]
   hits: np.ndarray  # [L]
   misses: np.ndarray  # [L]
-  routed: tuple  # [L] of [U]
+  routed: np.ndarray  # [L, U]
+  table: np.ndarray  # [L, E]
+
+  @classmethod
+  def of(cls, summary: np.ndarray, logits: np.ndarray, n_layers: int, n_experts: int) -> "_StepRecord":
+    """Split a step's `StepOut.summary` (layout in `_step`)."""
+    b = logits.shape[0]
+    hits, misses = summary[b:b + n_layers], summary[b + n_layers:b + 2 * n_layers]
+    routed, table = summary[b + 2 * n_layers:-n_layers * n_experts], summary[-n_layers * n_experts:]
+    return cls(summary[:b], logits, hits, misses, routed.reshape(n_layers, -1),
+               table.reshape(n_layers, n_experts))
+
+
+class _Plan(NamedTuple):
+  """A strategy's plan of one step, its copies issued (host side, until the step is dispatched)."""
+
+  step: int
+  experts: list  # [L] planned experts per layer
+  touch: np.ndarray  # [n, 2] (layer, expert) planned, kept cached from the step's start; -1 padding
+  fill: np.ndarray  # [P, 2] those copied, one per buffer; -1 padding
+  buffers: tuple  # [P] device copies in flight
 
 
 class ProgramEngine:
@@ -164,9 +184,9 @@ class ProgramEngine:
     self._copies: list[CopyRecord] = []  # prefetch copies issued for the request being run
     # plans come from strategies that plan whole steps (oracles, learned); the others send no admission
     self._plans = strategy.name in ("oracle", "noisy_oracle", "learned")
-    self._no_plan = put(device_cache.Admission(
-        device_cache.use_offsets([], cfg.n_layers, cfg.n_experts), _padded([]), _padded([]), ()))
-    self._pending = self._no_plan
+    self._no_plan = device_cache.Admission(put(device_cache.pack_plan(
+        device_cache.use_offsets([], cfg.n_layers, cfg.n_experts), _padded([]), _padded([]))), ())
+    self._pending: _Plan | None = None  # the plan of the next step to dispatch
     self._live, self._live_len = None, 0  # the request `prefill` started and its length
     if strategy.resident:
       self._load_everything()
@@ -244,10 +264,10 @@ class ProgramEngine:
 
   def _read(self, out: StepOut) -> "_StepRecord":
     """One device-to-host read of a finished step's small outputs (its device arrays are then free)."""
-    token, logits, hits, misses, routed, table = jax.device_get(
-        (out.token, out.logits, out.hits, out.misses, out.routed, out.table))
-    self._cached = table
-    return _StepRecord(token, logits, hits, misses, routed)
+    summary, logits = jax.device_get((out.summary, out.logits))
+    record = _StepRecord.of(summary, logits, self.cfg.n_layers, self.cfg.n_experts)
+    self._cached = record.table
+    return record
 
   def reset_cache(self):
     """Forget every cached expert (the next request starts cold); `resident` stays loaded."""
@@ -267,40 +287,48 @@ class ProgramEngine:
     strategy's step numbering: 0 is the prompt; None: no plan), so that they overlap this step.
     `decoding`: one token after the prompt (`hybrid` computes its uncached experts on the host)."""
     plan = self._pending
-    self._pending = (self._no_plan if next_step is None else
-                     self._issue_plan(next_step, copy=self.plan_copies))
+    self._pending = None if next_step is None else self._issue_plan(next_step, copy=self.plan_copies)
+    admission = self._admission(plan, self._pending)
     host = self._host.handle if self._host is not None and decoding else None
     out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
                 self._head_leaves, self._layer_leaves, self._views, self._pools, self._state, kv, tokens,
-                pos, step, key, plan, host=host)
+                pos, step, key, admission, host=host)
     self._pools, self._state = out.pools, out.state
     return out
 
-  def _issue_plan(self, step: int, copy: bool = True) -> device_cache.Admission:
-    """The admission of the strategy's `step`: the uses of that step and of the strategy's later ones
-    (for `predicted` eviction), and copies of its planned experts that the host last saw uncached,
-    issued now (H2D copies overlap only compute dispatched after them). Key counts are bucketed to
-    powers of two, so few programs compile; a strategy without plans sends nothing per step."""
+  def _issue_plan(self, step: int, copy: bool = True) -> "_Plan | None":
+    """The plan of the strategy's `step`, with copies of its planned experts that the host last saw
+    uncached issued now (H2D copies overlap only compute dispatched after them). Key counts are
+    bucketed to powers of two, so few programs compile. None: the strategy plans nothing here."""
     cfg = self.cfg
     history = self._plan_history(step) if self.strategy.name == "learned" else None
     if not self._plans or (self.strategy.name == "learned" and history is None):
-      return self._no_plan
-    plan = self.strategy.plan_step(history, 1, step, self.n_slots, cfg.n_layers)
-    offsets = device_cache.use_offsets([plan or []] + list(self.strategy.future(step)),
-                                       cfg.n_layers, cfg.n_experts)
-    keys = [(layer, e) for layer, experts in enumerate(plan or []) for e in experts][:self.n_slots]
-    keys = keys if copy else []
-    fills = [k for k in keys if self._cached[k] < 0]
+      return None
+    experts = self.strategy.plan_step(history, 1, step, self.n_slots, cfg.n_layers) or []
+    keys = [(layer, e) for layer, ids in enumerate(experts) for e in ids][:self.n_slots]
+    fills = [k for k in keys if self._cached[k] < 0] if copy else []
     now = time.perf_counter()
     self._copies += [CopyRecord(layer, e, step, "prefetch", self.store.expert_bytes, now)
                      for layer, e in fills]
-    # the small arrays first: a device_put of numpy queued behind expert copies holds the host until
-    # they finish (docs/BENCHMARKS.md). Fill keys pair with the copies one to one, padded to a power
-    # of two with rows of -1 (their copy: the first one again, never written)
-    small = jax.device_put((offsets, _padded(keys), _padded(fills)), self._sharding)
-    buffers = jax.device_put([self.store.buffer(*k) for k in fills], self._sharding)
-    buffers += buffers[:1] * (len(small[2]) - len(buffers))
-    return device_cache.Admission(*small, tuple(buffers))
+    # Fill keys pair with the copies one to one, padded to a power of two with rows of -1 (their
+    # copy: the first one again, never written)
+    fill_keys = _padded(fills)
+    buffers = jax.device_put([self.store.buffer(*k) for k in fills], self._sharding) if fills else []
+    buffers += buffers[:1] * (len(fill_keys) - len(buffers))
+    return _Plan(step, experts, _padded(keys if copy else []), fill_keys, tuple(buffers))
+
+  def _admission(self, plan: "_Plan | None", then: "_Plan | None") -> device_cache.Admission:
+    """What the step of `plan` admits: its copies, and the planned uses of its experts and of the
+    steps after it (`predicted` eviction), `then`'s plan first: the host issues step n+1's copies
+    from the cache as it last read it, two steps old, so step n must not evict what n+1 planned.
+    The small arrays go as one numpy argument of the step (transferred at its dispatch: cheaper on
+    the host than a device_put each)."""
+    if plan is None:
+      return self._no_plan
+    later = [then.experts, *self.strategy.future(then.step)] if then is not None else \
+        list(self.strategy.future(plan.step))
+    offsets = device_cache.use_offsets([plan.experts] + later, self.cfg.n_layers, self.cfg.n_experts)
+    return device_cache.Admission(device_cache.pack_plan(offsets, plan.touch, plan.fill), plan.buffers)
 
   def _plan_history(self, step: int) -> np.ndarray | None:
     """What a lead-`PLAN_LEAD` predictor reads to plan decode step `step`: the prompt and read tokens up

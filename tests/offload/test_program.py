@@ -125,6 +125,20 @@ def test_oracle_without_plan_copies_evicts_by_its_plan_and_reads_in_place(oracle
   assert sum(stats.step_read_bytes[1:]) < sum(lru.step_read_bytes[1:])  # Belady reads fewer
 
 
+def test_a_perfect_learned_plan_reads_nothing_after_the_prompt(oracle_case):
+  """A lead-2 table of the true routing plans each step from tokens two positions back, with the
+  cache as the host last read it (two steps old): the step before it must keep what it planned."""
+  model, prompt, want, ref, _, _ = oracle_case
+  cfg = model.cfg
+  table = TablePredictor(ref.routing, prompt.shape[1], cfg.n_layers, cfg.n_experts, lead=PLAN_LEAD)
+  engine = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy="learned", predictor=table)
+  tokens, stats = engine.generate(prompt, 8)
+  np.testing.assert_array_equal(tokens, want)
+  # every decode step's routed experts were cached or copied ahead: none read in place
+  assert sum(stats.step_read_bytes[1:]) == 0 and stats.copies
+  assert all(c.used for c in stats.copies)
+
+
 def test_learned_needs_a_predictor_of_the_engines_lead(swiglu_reference):
   ref = swiglu_reference
   for lead, engine in ((0, ProgramEngine), (PLAN_LEAD, OffloadEngine)):
