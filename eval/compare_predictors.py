@@ -57,9 +57,10 @@ def decode_step_us(model: model_lib.MoELM, context: int = 128, reps: int = 20) -
 
 def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Sequence[int] = (1, 2, 3),
             val_fraction: float = 0.1, max_val_tokens: int = 65536, history: int = 256, reps: int = 50,
-            model: model_lib.MoELM | None = None) -> dict[str, Any]:
-  """Score popularity, next-gate (per lookahead) and every predictor directory on the validation
-  documents of `traces_dir`; returns {"rows": [...], "meta": {...}} (see `markdown`)."""
+            model: model_lib.MoELM | None = None, with_baselines: bool = True) -> dict[str, Any]:
+  """Score popularity, next-gate (per lookahead; `with_baselines=False`: neither) and every predictor
+  directory on the validation documents of `traces_dir`; returns {"rows": [...], "meta": {...}} (see
+  `markdown`). Token-family rows carry their predictor's `lead` (the token ahead they score)."""
   traces = data.load_traces(traces_dir, hidden=True)
   train_rows, val_rows = data.split_by_document(traces.doc_ids, val_fraction)
   t = traces.tokens.shape[1]
@@ -71,13 +72,14 @@ def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Seque
   hist = np.random.default_rng(0).integers(0, traces.vocab_size, (1, history))
   rows = []
 
-  freq = baselines.popularity(traces.experts[train_rows], n_experts)
-  pop = PopularityPredictor(freq)
-  rows.append(_row("popularity", "popularity", None, np.broadcast_to(freq, experts.shape[:2] + (n_experts,)),
-                   experts, k, params=int(freq.size), flops_per_token=0.0,
-                   us_per_step=metrics.time_us(pop.scores, hist, 1, reps=reps)))
+  if with_baselines:
+    freq = baselines.popularity(traces.experts[train_rows], n_experts)
+    pop = PopularityPredictor(freq)
+    rows.append(_row("popularity", "popularity", None, np.broadcast_to(freq, experts.shape[:2] + (n_experts,)),
+                     experts, k, params=int(freq.size), flops_per_token=0.0,
+                     us_per_step=metrics.time_us(pop.scores, hist, 1, reps=reps)))
 
-  if val.hidden is not None:
+  if with_baselines and val.hidden is not None:
     hidden = np.asarray(val.hidden).reshape(len(experts), len(traces.hidden_layers), -1)  # [N, H, D]
     g = traces.gates
     gate_us = _per_layer_call_us([g["ffn_norm"][0], g["router"][0]],
@@ -104,7 +106,8 @@ def compare(traces_dir: str, predictor_dirs: Sequence[str], *, lookaheads: Seque
       rows.append(_row(name, info["family"], None, probs, targets.reshape(experts.shape), k,
                        params=info["params"],
                        flops_per_token=metrics.flops_per_call(lambda w: pred.probs(w, 1), window),
-                       us_per_step=metrics.time_us(pred.scores, hist, 1, reps=reps), loss=info["loss"]))
+                       us_per_step=metrics.time_us(pred.scores, hist, 1, reps=reps), loss=info["loss"],
+                       lead=pred.lead))
     elif info["family"] == "cross_layer":
       if val.hidden is None:
         raise ValueError(f"{pred_dir} needs hidden states; the traces have none")

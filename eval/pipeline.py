@@ -214,10 +214,23 @@ def stage_predictors(s: RunSettings, traces_dir: Path, out: Path, log=print) -> 
   return dirs
 
 
+def stage_plan_predictor(s: RunSettings, traces_dir: Path, family: str, out: Path, log=print) -> str:
+  """The `learned` predictor of engine v2: `family` trained to score the routing of the token
+  `program.PLAN_LEAD` positions after the last one it reads (v2 plans a step while the two before it
+  are queued). -> its directory."""
+  name = f"{family}_lead{program.PLAN_LEAD}"
+  pred_dir = out / "predictors" / name
+  log(f"[predictors] {name}")
+  train_predictor(str(traces_dir), family, str(pred_dir), steps=s.predictor_steps, loss=s.predictor_loss,
+                  hparams={"lead": program.PLAN_LEAD}, eval_every=max(25, s.predictor_steps // 6),
+                  warmup=min(100, s.predictor_steps // 10))
+  return str(pred_dir)
+
+
 def program_runs(cfg, cache_bytes: int, expert_bytes: int, prompt_len: int, predictor=None) -> set[str]:
   """The strategies engine v2 runs at this budget: those it supports, when one layer of the longest
   prompt fits its cache (else the per-layer engine streams the prompt through the cache); `learned`
-  only with a predictor of v2's plan lead (the job's predictors score the tokens they read)."""
+  only with a `predictor` of v2's plan lead."""
   fits = slot_count(cache_bytes, expert_bytes, cfg.top_k) >= min(prompt_len * cfg.top_k, cfg.n_experts)
   lead_ok = getattr(predictor, "lead", 0) == program.PLAN_LEAD
   return {name for name in program.SUPPORTED
@@ -278,8 +291,10 @@ def teacher_forced_nll(engine: OffloadEngine, seq: np.ndarray) -> float:
 
 
 def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, log=print,
-                     on_progress=lambda part: None) -> dict[str, Any]:
+                     on_progress=lambda part: None, plan_predictor=None) -> dict[str, Any]:
   """Every strategy on held-out prompts: timings, bytes, hits, stalls, exactness, perplexity.
+  `learned` runs with `plan_predictor` (lead `program.PLAN_LEAD`) on engine v2 where v2 runs it,
+  else with `predictor` (lead 0) on the per-layer engine.
 
   `on_progress` gets {"strategies": rows, "noisy_oracle_sweep": points} after each strategy and sweep
   point, so the caller can save what was measured before a later failure."""
@@ -294,7 +309,7 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   prompts = {p: val[None, :p].astype(np.int32) for p in sorted(set(s.prompt_lengths))}
   ppl_seq = val[None, :min(2 * s.new_tokens, cfg.max_seq_len)].astype(np.int32)
   engines: dict[str, Any] = {}
-  v2 = program_runs(cfg, cache_bytes, store.expert_bytes, max(prompts), predictor)
+  v2 = program_runs(cfg, cache_bytes, store.expert_bytes, max(prompts), plan_predictor)
 
   def engine(name, **kw):
     """Engine v2 (one program per step) for the strategies it runs, else the per-layer engine."""
@@ -302,7 +317,8 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
     if name == "resident":
       return (program.ProgramEngine(model, strategy="resident", store=store) if on_v2 else
               OffloadEngine(model, strategy="resident", store=store, **kw))
-    strategy = strategies_lib.make(name, n_experts=cfg.n_experts, predictor=predictor, **kw)
+    strategy = strategies_lib.make(name, n_experts=cfg.n_experts, predictor=plan_predictor if on_v2 else predictor,
+                                   **kw)
     make = program.ProgramEngine if on_v2 else OffloadEngine
     return make(model, cache_bytes=cache_bytes, strategy=strategy, store=store)
 
@@ -504,6 +520,9 @@ def run(s: RunSettings, out: Path, model_path: str | None = None, data: str | No
   token_rows = [r for r in comparison["rows"] if r["family"] in ("token_mlp", "context")]
   best_family = max(token_rows, key=lambda r: r["recall_k_avg"])["family"]
   predictor = predictor_store.load_predictor(str(out / "predictors" / best_family))
+  plan_dir = stage_plan_predictor(s, traces_dir, best_family, out, log)
+  comparison["rows"] += compare_predictors.compare(str(traces_dir), [plan_dir], with_baselines=False)["rows"]
+  plan_predictor = predictor_store.load_predictor(plan_dir)
   # results.json is rewritten after every strategy ("complete": false until the end), so what was
   # measured survives a failure in a later strategy or stage
   results = {
@@ -513,6 +532,7 @@ def run(s: RunSettings, out: Path, model_path: str | None = None, data: str | No
                "jax": jax.__version__, "settings": dataclasses.asdict(s), "wall_s": None, "complete": False},
       "model": {"config": cfg.to_dict(), "training": train_summary},
       "predictors": comparison["rows"], "predictor_meta": comparison["meta"], "learned_family": best_family,
+      "plan_predictor": Path(plan_dir).name, "plan_lead": program.PLAN_LEAD,
   }
 
   def save(part: dict[str, Any]) -> None:
@@ -521,7 +541,8 @@ def run(s: RunSettings, out: Path, model_path: str | None = None, data: str | No
     _write_results(out, results)
 
   log(f"[strategies] learned = {best_family}; running {', '.join(s.strategies)}")
-  res = stage_strategies(s, model, corpus_dir, predictor, out, log, on_progress=save)
+  res = stage_strategies(s, model, corpus_dir, predictor, out, log, on_progress=save,
+                         plan_predictor=plan_predictor)
   save(res)
   stage_analytic(res, cfg, s.new_tokens)
   rows = {r["name"]: r for r in res["strategies"]}

@@ -32,7 +32,11 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
   # engine v2 runs the strategies it supports, exact against its own resident run
   assert {n: r["engine"] for n, r in rows.items()} == {
       "resident": "v2", "on_demand": "v2", "lru": "v2", "oracle": "v2",
-      "stream_all": "v1", "next_gate": "v1", "learned": "v1"}
+      "stream_all": "v1", "next_gate": "v1", "learned": "v2"}
+  # learned on v2 runs the best token family trained for v2's plan lead, compared with the others
+  plan_rows = [r for r in results["predictors"] if r["predictor"] == results["plan_predictor"]]
+  assert plan_rows and plan_rows[0]["lead"] == results["plan_lead"] == 2
+  assert results["plan_predictor"].startswith(results["learned_family"])
   assert results["reference_logit_diff"] == 0.0  # f32 on the CPU: both engines' resident runs agree
   assert rows["resident"]["bytes_copied"] == 0
   assert rows["on_demand"]["hit_rate"] == 0.0  # nothing is kept or prefetched
