@@ -58,9 +58,9 @@ def plain_decode(model, prompt_len: int, repeats: int = 20) -> dict:
   weights = sum(x.nbytes for x in jax.tree.leaves(state))
   kv = sum(x.nbytes for x in jax.tree.leaves(cache))
   # a batch-1 step reads every non-expert weight, the top_k routed experts of each layer and the KV cache
-  unrouted = cfg.n_layers * (cfg.n_experts - cfg.top_k) * cfg.expert_bytes
-  return {"plain_decode_s": best, "weight_bytes": weights, "kv_bytes": kv,
-          "roofline_s": (weights - unrouted + kv) / HBM_BYTES_PER_S}
+  read = weights - cfg.n_layers * (cfg.n_experts - cfg.top_k) * cfg.expert_bytes + kv
+  return {"plain_decode_s": best, "weight_bytes": weights, "kv_bytes": kv, "decode_read_bytes": read,
+          "roofline_s": read / HBM_BYTES_PER_S}
 
 
 def _request(engine, prompt, new_tokens: int, repeats: int):

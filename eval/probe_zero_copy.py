@@ -106,11 +106,10 @@ def probe_decode(preset: str) -> dict:
   from jaxmoe import config, model as model_lib
   cfg = config.preset(preset)
   r = plain_decode(model_lib.create(dataclasses.replace(cfg, param_dtype=cfg.dtype), 0), 16)
-  experts = cfg.n_layers * cfg.n_experts * cfg.expert_bytes
-  active = r["weight_bytes"] - experts + cfg.n_layers * cfg.top_k * cfg.expert_bytes
   return {"preset": preset, "decode_ms": r["plain_decode_s"] * 1e3, "weight_bytes": r["weight_bytes"],
-          "kv_bytes": r["kv_bytes"], "active_bytes": active, "roofline_all_ms": r["roofline_s"] * 1e3,
-          "roofline_active_ms": (active + r["kv_bytes"]) / HBM_BYTES_PER_S * 1e3}
+          "kv_bytes": r["kv_bytes"], "active_bytes": r["decode_read_bytes"] - r["kv_bytes"],
+          "roofline_all_ms": (r["weight_bytes"] + r["kv_bytes"]) / HBM_BYTES_PER_S * 1e3,
+          "roofline_active_ms": r["roofline_s"] * 1e3}
 
 
 def main(argv=None) -> int:
