@@ -71,7 +71,7 @@ def _request(engine, prompt, new_tokens: int, repeats: int):
 
 def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths, new_tokens: int,
                  repeats: int, engines: list[str], names: list[str], predictor=None,
-                 plan_copies: bool = True, log=print) -> dict:
+                 plan_copies: bool = True, log=print, host_backend: str | None = None) -> dict:
   cfg = config.preset(name)
   cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, n_layers=layers or cfg.n_layers)
   model = model_lib.create(cfg, 0)
@@ -79,9 +79,11 @@ def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths,
          **plain_decode(model, max(prompt_lengths))}
   store = ExpertStore.from_model(model)
   bandwidth = measure_h2d_bandwidth(store)
-  host_rate = host_experts.HostExperts.of(store).bytes_per_s()
+  host = host_experts.HostExperts.of(store, host_backend)  # the one `hybrid` computes on
+  host_rate = host.bytes_per_s()
   out.update(h2d_bytes_per_s=bandwidth, host_read_bytes_per_s=host_experts.read_bytes_per_s(store),
-             host_expert_bytes_per_s=host_rate, store_bytes=store.nbytes)
+             host_expert_bytes_per_s=host_rate, host_backend=host.backend,
+             host_threads=host.threads, host_label=host.label, store_bytes=store.nbytes)
   rng = np.random.default_rng(0)
   prompts = {p: rng.integers(0, cfg.vocab_size, (1, p)).astype(np.int32) for p in prompt_lengths}
   p0 = min(prompt_lengths)
@@ -106,7 +108,7 @@ def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths,
         s = strategies.make("hybrid", n_experts=cfg.n_experts, host_compute="always")
       if engine_name == "v2":
         return ProgramEngine(model, cache_bytes=cache_bytes, strategy=s, store=store,
-                             plan_copies=plan_copies)
+                             plan_copies=plan_copies, host_backend=host_backend)
       return OffloadEngine(model, cache_bytes=cache_bytes, strategy=s, store=store)
     row = {"engine": engine_name, "strategy": strategy, "cache_fraction": fraction,
            "cache_bytes": cache_bytes}
@@ -189,6 +191,8 @@ def main(argv=None) -> int:
   p.add_argument("--no-plan-copies", dest="plan_copies", action="store_false",
                  help="v2 oracle/learned: evict by the plan but read routed misses in place instead of "
                       "copying planned experts ahead")
+  p.add_argument("--host-backend", choices=host_experts.BACKENDS, default=host_experts.DEFAULT_BACKEND,
+                 help="hybrid's host expert FFN: torch (if importable: auto), or XLA:CPU")
   p.add_argument("--out", default="runs/bench/bench_program", help="directory for results.json, table.md")
   a = p.parse_args(argv)
   if "learned" in a.strategies.split(",") and not a.predictor:
@@ -206,10 +210,12 @@ def main(argv=None) -> int:
   for name in a.presets.split(","):
     layers = a.layers or (a.mixtral_layers if name == "mixtral_shaped" else None)
     r = bench_preset(name, layers, a.cache_fractions, lengths, a.new_tokens, a.repeats,
-                     a.engines.split(","), a.strategies.split(","), predictor, a.plan_copies)
+                     a.engines.split(","), a.strategies.split(","), predictor, a.plan_copies,
+                     host_backend=a.host_backend)
     print(f"{name}: plain decode {r['plain_decode_s'] * 1e3:.3f} ms, HBM roofline {r['roofline_s'] * 1e3:.3f} ms, "
           f"v2 resident {r['compute_s'] * 1e3:.3f} ms, H2D {r['h2d_bytes_per_s'] / 1e9:.1f} GB/s, host read "
-          f"{r['host_read_bytes_per_s'] / 1e9:.1f} GB/s, host expert FFN {r['host_expert_bytes_per_s'] / 1e9:.1f} GB/s")
+          f"{r['host_read_bytes_per_s'] / 1e9:.1f} GB/s, host expert FFN {r['host_expert_bytes_per_s'] / 1e9:.1f} GB/s "
+          f"({r['host_label']})")
     results["presets"].append(r)
     out = Path(a.out)  # written after every preset: a later failure loses nothing measured
     out.mkdir(parents=True, exist_ok=True)

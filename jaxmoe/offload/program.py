@@ -138,12 +138,14 @@ class ProgramEngine:
   `resident` holds every expert from the start; the other strategies start each request cold after
   `reset_cache`. `plan_copies` (strategies with plans): copy a step's planned experts ahead of it
   (True) or only evict by the plan and read the routed misses in place (False): copies overlap
-  compute through the copy engine, but each one holds the host (docs/BENCHMARKS.md, "Engine v2")."""
+  compute through the copy engine, but each one holds the host (docs/BENCHMARKS.md, "Engine v2").
+  `host_backend` (`hybrid`): the host expert FFN's backend, "torch" / "xla" / "auto" (None:
+  `host_experts.DEFAULT_BACKEND`); `host_choice.backend` says which one runs."""
 
   def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
                store: ExpertStore | None = None, device: jax.Device | None = None,
-               plan_copies: bool = True):
+               plan_copies: bool = True, host_backend: str | None = None):
     cfg = model.cfg
     self.plan_copies = bool(plan_copies)
     self.cfg = cfg
@@ -173,9 +175,9 @@ class ProgramEngine:
     self._policy = "resident" if strategy.resident else strategy.eviction
     # `hybrid`: whether decode steps compute the experts they find uncached on the host (else they
     # read them into the cache, as `lru`), and the rates measured to decide it
-    self.host_choice = (host_experts.choose(self.store, strategy.host_compute)
+    self.host_choice = (host_experts.choose(self.store, strategy.host_compute, host_backend)
                         if strategy.host_compute else None)
-    self._host = (host_experts.HostExperts.of(self.store)
+    self._host = (host_experts.HostExperts.of(self.store, self.host_choice.backend)
                   if self.host_choice and self.host_choice.on_host else None)
     self._keep = strategy.keeps_experts
     self._pools = empty_pools(self.store, self.n_slots, device or self.store.device)

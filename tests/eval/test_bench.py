@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from eval import bench_files, bench_kernels, bench_offload, bench_parallel
+from jaxmoe.offload import host_experts
 from tests.cli_errors import refused
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,6 +119,7 @@ def test_bench_program_cpu_smoke_is_exact(tmp_path):
   # the cache holds what the prompt routed and decode steps admit nothing: a larger one leaves less
   assert hybrid[1]["host_experts"] <= hybrid[0.5]["host_experts"]
   assert preset["host_read_bytes_per_s"] > 0 and preset["host_expert_bytes_per_s"] > 0
+  assert preset["host_backend"] == host_experts.resolve_backend()  # --host-backend auto
   assert (tmp_path / "table.md").read_text().count("tiny") == 6
 
 

@@ -1,6 +1,7 @@
 """Engine v2 (`ProgramEngine`, one compiled program per step): exact, and its device cache behaves."""
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxmoe import config, generate as gen, model as model_lib
-from jaxmoe.offload import OffloadEngine, device_cache, strategies
+from jaxmoe.offload import OffloadEngine, device_cache, host_experts, strategies
 from jaxmoe.offload.hostview import device_view
 from jaxmoe.offload.program import PLAN_LEAD, SUPPORTED, ProgramEngine
 from jaxmoe.offload.store import expert_layout, host_sharding
@@ -27,6 +28,7 @@ def _strategy(name, ref):
   return name
 
 
+NEEDS_TORCH = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
 NAMES = [n for n in SUPPORTED if n != "learned"] + ["learned_right", "learned_wrong"]
 
 
@@ -56,20 +58,25 @@ def test_every_strategy_is_exact(built_references, variant, name):
                                                       + len(stats.copies) * cfg.expert_bytes)
 
 
-def _hybrid_and_lru(reference, host_compute):
+def _hybrid_and_lru(reference, host_compute, host_backend=None):
   """One request of `hybrid` (host_compute forced) and of `lru` on the smallest budget the prompt fits:
   8 slots for 2 layers of 8 experts, so that decode steps miss."""
   cfg = reference.cfg
   hybrid = strategies.make("hybrid", n_experts=cfg.n_experts, host_compute=host_compute)
-  runs = [ProgramEngine(reference.model, cache_bytes=cfg.n_experts * cfg.expert_bytes,
-                        strategy=s).generate(reference.prompt, NEW_TOKENS) for s in (hybrid, "lru")]
-  return runs[0], runs[1][1]
+  engine = ProgramEngine(reference.model, cache_bytes=cfg.n_experts * cfg.expert_bytes, strategy=hybrid,
+                         host_backend=host_backend)
+  run = engine.generate(reference.prompt, NEW_TOKENS)
+  lru = ProgramEngine(reference.model, cache_bytes=cfg.n_experts * cfg.expert_bytes,
+                      strategy="lru").generate(reference.prompt, NEW_TOKENS)
+  return run, lru[1], engine.host_choice
 
 
+@pytest.mark.parametrize("backend", [pytest.param("torch", marks=NEEDS_TORCH), "xla"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_hybrid_computes_decode_misses_on_the_host(built_references, variant):
+def test_hybrid_computes_decode_misses_on_the_host(built_references, variant, backend):
   reference = build_reference(built_references, variant)
-  (tokens, stats), lru = _hybrid_and_lru(reference, "always")
+  (tokens, stats), lru, choice = _hybrid_and_lru(reference, "always", backend)
+  assert choice == host_experts.HostChoice(True, backend=backend)
   np.testing.assert_array_equal(tokens, reference.out.tokens)
   # not bitwise: a token's expert outputs are summed in another order (the host's share is added last)
   np.testing.assert_allclose(stats.logits, reference.out.logits, rtol=1e-5, atol=1e-5)
@@ -84,7 +91,8 @@ def test_hybrid_computes_decode_misses_on_the_host(built_references, variant):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_hybrid_without_host_compute_is_lru(built_references, variant):
   reference = build_reference(built_references, variant)
-  (tokens, stats), lru = _hybrid_and_lru(reference, "never")
+  (tokens, stats), lru, choice = _hybrid_and_lru(reference, "never")
+  assert choice == host_experts.HostChoice(False)
   np.testing.assert_array_equal(tokens, reference.out.tokens)
   np.testing.assert_array_equal(stats.logits, lru.logits)
   assert (stats.hits, stats.misses, stats.step_read_bytes) == (lru.hits, lru.misses, lru.step_read_bytes)
