@@ -22,7 +22,10 @@ Prompts: a random-weight model often decodes one token forever, and then every c
 (each step routes to the experts of the last). So each prompt is drawn from seeded random token
 ids, trying up to 8 seeds until hf_device's greedy continuation has at least half distinct tokens
 (the best seed is kept, and flagged, if none does); the distinct share of every system's continuation
-is recorded.
+is recorded. For the first generated token the table's notes give each of hf_device, transformers in
+f32 (the same weights upcast: exact math up to f32 rounding) and jaxmoe_resident its argmax, the gap
+between its two top logits and its largest logit difference from the f32 run: a disagreement at a
+near tie is rounding, one far from it is a program computing something else.
 
   python -m eval.bench_peer                          # OLMoE-shaped, 8 layers (GPU)
   python -m eval.bench_peer --shape mixtral          # Mixtral-shaped, 4 layers (GPU)
@@ -326,7 +329,7 @@ def bench_jaxmoe(path, prompts, args, reference, save=lambda rows: None) -> dict
   store = ExpertStore.from_model(model)
   drop_expert_weights(model)  # from here on only the store holds the experts
   cache_bytes = int(args.cache_fraction * store.nbytes)
-  routing, rows = {}, {}
+  routing, rows, first_logits = {}, {}, {}
   names = sorted(args.strategies, key=lambda n: n != "resident")  # resident first: oracle replays it
   for name in names:
     cells = {}
@@ -342,6 +345,7 @@ def bench_jaxmoe(path, prompts, args, reference, save=lambda rows: None) -> dict
         first = jax_request(engine, p["prompt"], args.new_tokens)  # warm-up (compiles)
         if name == "resident":
           routing[length] = first[3].routing
+          first_logits[length] = first[3].logits[0, 0]
         runs = [jax_request(engine, p["prompt"], args.new_tokens)[:3] for _ in range(args.repeats)]
         cells[length] = summarize(runs, reference[length])
       except ValueError as e:  # e.g. a prompt that routes more experts than the cache holds
@@ -353,8 +357,8 @@ def bench_jaxmoe(path, prompts, args, reference, save=lambda rows: None) -> dict
     rows[f"jaxmoe_{name}"] = {"cache_bytes": store.nbytes if name == "resident" else cache_bytes,
                               "prompts": cells}
     save(rows)
-  return {"config": cfg.to_dict(),
-          "store_bytes": int(store.nbytes), "systems": rows}
+  return {"config": cfg.to_dict(), "store_bytes": int(store.nbytes), "systems": rows,
+          "first_logits": {"jaxmoe_resident": first_logits} if first_logits else {}}
 
 
 def bench(args, save=lambda result: None) -> dict:
@@ -372,6 +376,9 @@ def bench(args, save=lambda result: None) -> dict:
       path, dtype=dtype, attn_implementation="eager").to(device).eval()
   prompts = choose_prompts(model, args, model.config.vocab_size, device)
   systems = {"hf_device": {"prompts": bench_torch(model, prompts, args, device, None)}}
+  first_logits = {"hf_device": {n: torch_first_logits(model, p["prompt"], device) for n, p in prompts.items()}}
+  model.float()  # the same weights in f32: the reference both bf16 programs round away from
+  first_logits["hf_f32"] = {n: torch_first_logits(model, p["prompt"], device) for n, p in prompts.items()}
   del model
   free_torch()
   reference = {n: np.asarray(c["tokens"]) for n, c in systems["hf_device"]["prompts"].items()}
@@ -399,9 +406,36 @@ def bench(args, save=lambda result: None) -> dict:
   update({"hf_accelerate": bench_accelerate(path, prompts, args, dtype, reference, other, expert)})
   jax_result = bench_jaxmoe(path, prompts, args, reference, save=update)
   jax_rows = jax_result.pop("systems")
-  result.update(jax_result)
+  first_logits.update(jax_result.pop("first_logits"))
+  result.update(jax_result, first_token=first_token_report(first_logits))
   update(jax_rows)
   return result
+
+
+def torch_first_logits(model, prompt: np.ndarray, device: str) -> np.ndarray:
+  """The f32 logits [V] of the token after `prompt` (one forward pass)."""
+  ids = torch.tensor(prompt, dtype=torch.long, device=device)
+  with torch.no_grad():
+    return model(ids).logits[0, -1].float().cpu().numpy()
+
+
+def first_token_report(first_logits: dict[str, dict[int, np.ndarray]]) -> dict:
+  """Per prompt length and system: the first generated token's argmax, the gap between its two top
+  logits, and its largest logit difference from transformers in f32 (the same weights, exact math up
+  to f32 rounding): whether a first token that differs between systems is a near tie rounded either
+  way or one program computing something else."""
+  report = {}
+  for n, exact in first_logits.get("hf_f32", {}).items():
+    cells = {}
+    for system, by_length in first_logits.items():
+      if n not in by_length:
+        continue
+      logits = np.asarray(by_length[n], np.float32)
+      top2 = np.sort(logits)[-2:]
+      cells[system] = {"argmax": int(np.argmax(logits)), "top2_gap": float(top2[1] - top2[0]),
+                       "max_abs_vs_hf_f32": float(np.max(np.abs(logits - exact)))}
+    report[str(n)] = cells
+  return report
 
 
 def _str_keys(system: dict) -> dict:
@@ -459,6 +493,10 @@ def table(result) -> str:
   for n, p in result["prompts"].items():
     if p["degenerate"]:
       notes.append(f"- prompt {n}: no seed gave {MIN_DISTINCT:g} distinct tokens; best {p['distinct']:.2f}")
+  for n, cells in result.get("first_token", {}).items():
+    said = "; ".join(f"{system} token {c['argmax']}, top-2 gap {c['top2_gap']:.3g}, max |diff| from hf_f32 "
+                     f"{c['max_abs_vs_hf_f32']:.3g}" for system, c in cells.items())
+    notes.append(f"- first token after prompt {n}: {said}")
   return "\n".join([f"### {result['date']}", "", intro, ""] + lines + ([""] + notes if notes else []) + [""])
 
 

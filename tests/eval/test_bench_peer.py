@@ -50,6 +50,21 @@ def test_jaxmoe_tokens_equal_transformers_in_f32(smoke):
 
 
 @pytest.mark.slow
+def test_first_token_logits_are_compared_with_transformers_in_f32(smoke):
+  _, _, result = smoke
+  assert result["first_token"].keys() == {"4", "8"}
+  for n, cells in result["first_token"].items():
+    assert cells.keys() == {"hf_device", "hf_f32", "jaxmoe_resident"}, n
+    assert cells["hf_f32"]["max_abs_vs_hf_f32"] == 0.0
+    assert cells["hf_device"]["max_abs_vs_hf_f32"] == 0.0  # the smoke checkpoint is f32 already
+    assert cells["jaxmoe_resident"]["max_abs_vs_hf_f32"] < 1e-4  # same math, another f32 summation order
+    assert {c["argmax"] for c in cells.values()} == {cells["hf_f32"]["argmax"]}
+    assert all(c["top2_gap"] >= 0 for c in cells.values())
+    first = result["systems"]["hf_device"]["prompts"][n]["tokens"][0]
+    assert cells["hf_f32"]["argmax"] == first
+
+
+@pytest.mark.slow
 def test_checkpoint_is_reused(smoke):
   tmp, argv, _ = smoke
   weights = tmp / "checkpoint" / "model.safetensors"

@@ -97,6 +97,16 @@ def test_gpu_preset_forward_and_generate_bf16():
   out = gen.generate(m, prompt, 8)
   assert out.tokens.shape == (2, 40)
   assert np.all(np.isfinite(out.logits))
-  full = m(jnp.asarray(out.tokens[:, :-1])).logits
-  # bf16 compute: the cached and uncached paths round differently, so compare the chosen tokens.
-  np.testing.assert_array_equal(np.asarray(full[:, 31:]).argmax(-1), out.tokens[:, 32:])
+  full = np.asarray(m(jnp.asarray(out.tokens[:, :-1])).logits[:, 31:], np.float32)
+  cached = np.asarray(out.logits, np.float32)
+  # bf16 compute: the cached and uncached paths round differently (on the H200 one of 16 greedy tokens
+  # was a near tie that went the other way), so the logits must agree to bf16 rounding through 12
+  # layers (the same test's figures in bf16 on the CPU: at most 4.3 % of a position's logit range),
+  # and the tokens wherever the full forward's top two are further apart than the paths differ.
+  diff = np.abs(full - cached).max(-1)
+  assert np.all(diff <= 0.1 * (full.max(-1) - full.min(-1))), diff
+  top2 = np.sort(full, -1)[..., -2:]
+  clear = top2[..., 1] - top2[..., 0] > 2 * diff
+  chosen = np.take_along_axis(full, out.tokens[:, 32:, None], -1)[..., 0]
+  np.testing.assert_array_equal(full.argmax(-1)[clear], out.tokens[:, 32:][clear])
+  assert np.all(chosen >= top2[..., 1] - 2 * diff)  # a flipped token is a near tie of the full forward
