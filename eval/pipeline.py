@@ -67,7 +67,7 @@ class RunSettings:
 
 
 RUN_PRESETS = {
-    "tiny": RunSettings("tiny", train_minutes=1.0, trace_tokens=8192, trace_seq_len=64, predictor_steps=150,
+    "tiny": RunSettings("tiny", train_minutes=1.0, trace_tokens=8192, trace_seq_len=64, predictor_steps=60,
                         predictor_loss="bce", prompt_lengths=(8, 32), new_tokens=8, noisy_recalls=(0.5, 1.0),
                         repeats=1),
     "small": RunSettings("small", train_minutes=3.0, trace_tokens=32768, trace_seq_len=128,
