@@ -38,6 +38,15 @@ from jaxmoe.offload.program import ProgramEngine
 from jaxmoe.offload.store import measure_h2d_bandwidth
 
 HBM_BYTES_PER_S = 4.3e12  # H200 device-to-device copy (read + write), measured
+PLANNED = ("oracle", "noisy_oracle", "learned")  # strategies whose plans ProgramEngine may copy ahead
+
+
+def copy_modes(text: str) -> tuple:
+  """An argparse type: comma-separated 'on' / 'off' / 'auto' -> ProgramEngine's plan_copies values."""
+  words = [w.strip() for w in text.split(",") if w.strip()]
+  if not words or set(words) - {"on", "off", "auto"}:
+    raise argparse.ArgumentTypeError(f"give on, off, auto or a list of them (on,off); got {text!r}")
+  return tuple(dict.fromkeys({"on": True, "off": False, "auto": "auto"}[w] for w in words))
 
 
 def plain_decode(model, prompt_len: int, repeats: int = 20) -> dict:
@@ -71,11 +80,11 @@ def _request(engine, prompt, new_tokens: int, repeats: int):
 
 def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths, new_tokens: int,
                  repeats: int, engines: list[str], names: list[str], predictor=None,
-                 plan_copies: bool = True, log=print, host_backend: str | None = None) -> dict:
+                 plan_copies=("auto",), log=print, host_backend: str | None = None) -> dict:
   cfg = config.preset(name)
   cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, n_layers=layers or cfg.n_layers)
   model = model_lib.create(cfg, 0)
-  out = {"preset": name, "config": cfg.to_dict(), "plan_copies": plan_copies,
+  out = {"preset": name, "config": cfg.to_dict(), "plan_copies": list(plan_copies),
          **plain_decode(model, max(prompt_lengths))}
   store = ExpertStore.from_model(model)
   bandwidth = measure_h2d_bandwidth(store)
@@ -91,10 +100,13 @@ def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths,
   ref = {p: reference.generate(prompts[p], new_tokens) for p in prompt_lengths}
   compute_s = _request(reference, prompts[p0], new_tokens, repeats)[0][1].tpot_s
   del reference
-  runs = [(e, s, f) for e in engines for s in names for f in ([None] if s == "resident" else cache_fractions)
+  # strategies with plans run once per copy mode on v2 (v1 always copies its plans)
+  modes = lambda e, s: plan_copies if e == "v2" and s in PLANNED else ("auto",)
+  runs = [(e, s, f, c) for e in engines for s in names
+          for f in ([None] if s == "resident" else cache_fractions) for c in modes(e, s)
           if not (e == "v1" and s == "hybrid")]  # v1 runs every expert on the device
   rows = []
-  for engine_name, strategy, fraction in runs:
+  for engine_name, strategy, fraction, copies in runs:
     cache_bytes = None if fraction is None else max(int(fraction * store.nbytes),
                                                     cfg.n_experts * cfg.expert_bytes)
 
@@ -108,13 +120,15 @@ def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths,
         s = strategies.make("hybrid", n_experts=cfg.n_experts, host_compute="always")
       if engine_name == "v2":
         return ProgramEngine(model, cache_bytes=cache_bytes, strategy=s, store=store,
-                             plan_copies=plan_copies, host_backend=host_backend)
+                             plan_copies=copies, host_backend=host_backend)
       return OffloadEngine(model, cache_bytes=cache_bytes, strategy=s, store=store)
     row = {"engine": engine_name, "strategy": strategy, "cache_fraction": fraction,
-           "cache_bytes": cache_bytes}
+           "cache_bytes": cache_bytes, "plan_copies": None}
     try:
       for p in prompt_lengths:
         eng = make()
+        if strategy in PLANNED:  # as the engine resolved it ("auto": by the expert size)
+          row["plan_copies"] = getattr(eng, "plan_copies", True)
         (tokens, stats), ttft = _request(eng, prompts[p], new_tokens, repeats)
         eng.close()
         row[f"ttft_s_{p}"] = ttft
@@ -154,18 +168,23 @@ def _decode_bytes(stats) -> tuple[int, int]:
   return sum(c.nbytes for c in decode) - demand, demand + sum(stats.step_read_bytes[1:])
 
 
+def _label(r: dict) -> str:
+  """A row's strategy, marked `/inpl` where its plan only evicted (routed misses read in place)."""
+  return r["strategy"] + ("/inpl" if r.get("plan_copies") is False else "")
+
+
 def _row_line(preset: str, r: dict) -> str:
   cache = "all" if r["cache_fraction"] is None else f"{r['cache_fraction']:g}"
   if "error" in r:
-    return f"{preset:<15}{r['engine']:<4}{r['strategy']:<11}{cache:>6} {r['error']}"
+    return f"{preset:<15}{r['engine']:<4}{_label(r):<13}{cache:>6} {r['error']}"
   ttfts = " ".join(f"{k[7:]}:{v * 1e3:.1f}" for k, v in r.items() if k.startswith("ttft_s_"))
-  return (f"{preset:<15}{r['engine']:<4}{r['strategy']:<11}{cache:>6}{r['tpot_s'] * 1e3:>8.2f}"
+  return (f"{preset:<15}{r['engine']:<4}{_label(r):<13}{cache:>6}{r['tpot_s'] * 1e3:>8.2f}"
           f"{r['bound_s'] * 1e3:>8.2f}{r['vs_bound']:>6.2f}x {ttfts:<22}{'yes' if r['tokens_equal'] else 'NO':>4}"
           f"{r['max_logit_diff']:>9.3g}{r['distinct_tokens']:>6.2f}{r['bytes_per_token'] / 2**20:>9.1f}"
           f"{r['host_per_token'] / 2**20:>9.1f}")
 
 
-HEADER = (f"{'preset':<15}{'eng':<4}{'strategy':<11}{'cache':>6}{'tok ms':>8}{'bound':>8}{'ratio':>7} "
+HEADER = (f"{'preset':<15}{'eng':<4}{'strategy':<13}{'cache':>6}{'tok ms':>8}{'bound':>8}{'ratio':>7} "
           f"{'TTFT ms by prompt':<22}{'eq':>4}{'max dlog':>9}{'dist':>6}{'MiB/tok':>9}{'host MiB':>9}")
 
 
@@ -188,9 +207,11 @@ def main(argv=None) -> int:
   p.add_argument("--strategies", default="resident,on_demand,lru,oracle",
                  help="comma-separated (hybrid: host compute forced on, v2 only)")
   p.add_argument("--predictor", help="predictor directory for the learned strategy (train_predictor)")
-  p.add_argument("--no-plan-copies", dest="plan_copies", action="store_false",
-                 help="v2 oracle/learned: evict by the plan but read routed misses in place instead of "
-                      "copying planned experts ahead")
+  p.add_argument("--plan-copies", type=copy_modes, default=("auto",),
+                 help="v2 strategies with plans (oracle, learned): 'on' copies planned experts ahead of "
+                      "their step, 'off' only evicts by the plan and reads routed misses in place "
+                      "(rows marked /inpl), 'auto' copies experts of at least "
+                      "program.MIN_COPY_BYTES (6 MiB); a list (on,off) runs each (default: auto)")
   p.add_argument("--host-backend", choices=host_experts.BACKENDS, default=host_experts.DEFAULT_BACKEND,
                  help="hybrid's host expert FFN: torch (if importable: auto), or XLA:CPU")
   p.add_argument("--out", default="runs/bench/bench_program", help="directory for results.json, table.md")

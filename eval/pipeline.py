@@ -52,6 +52,9 @@ class RunSettings:
   noisy_recalls: tuple[float, ...] = NOISY_RECALLS  # noisy-oracle sweep
   profile: bool = True  # take a profiler trace of one run for the copy/compute overlap
   repeats: int = 3  # timed requests per strategy and prompt (medians reported: one request is noisy)
+  # engine v2, strategies with plans: copy planned experts ahead of their step (True), or only evict
+  # by the plan and read routed misses in place (False); "auto": `ProgramEngine`'s rule (expert size)
+  plan_copies: bool | str = "auto"
 
   def __post_init__(self):
     if not 0 < self.cache_fraction <= 1:
@@ -81,9 +84,11 @@ RUN_PRESETS = {
 
 
 def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, prompt_lengths=None,
-                 new_tokens=None, train_minutes=None, repeats=None, profile=True) -> RunSettings:
+                 new_tokens=None, train_minutes=None, repeats=None, profile=True,
+                 noisy_recalls=None, plan_copies=None) -> RunSettings:
   """The preset's settings with the command line's overrides (None keeps the preset's value);
-  strategies is comma-separated text, prompt_lengths a sequence of ints."""
+  strategies is comma-separated text, prompt_lengths a sequence of ints, noisy_recalls a sequence
+  of recalls (empty: no sweep)."""
   name = preset or ("gpu" if jax.default_backend() == "gpu" else "small")
   s = RUN_PRESETS[name]
   over: dict[str, Any] = {"profile": profile}
@@ -99,6 +104,10 @@ def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, pr
     over["train_minutes"] = train_minutes
   if repeats is not None:
     over["repeats"] = repeats
+  if noisy_recalls is not None:
+    over["noisy_recalls"] = tuple(noisy_recalls)
+  if plan_copies is not None:
+    over["plan_copies"] = plan_copies
   return dataclasses.replace(s, **over)
 
 
@@ -319,8 +328,10 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
               OffloadEngine(model, strategy="resident", store=store, **kw))
     strategy = strategies_lib.make(name, n_experts=cfg.n_experts, predictor=plan_predictor if on_v2 else predictor,
                                    **kw)
-    make = program.ProgramEngine if on_v2 else OffloadEngine
-    return make(model, cache_bytes=cache_bytes, strategy=strategy, store=store)
+    if on_v2:
+      return program.ProgramEngine(model, cache_bytes=cache_bytes, strategy=strategy, store=store,
+                                   plan_copies=s.plan_copies)
+    return OffloadEngine(model, cache_bytes=cache_bytes, strategy=strategy, store=store)
 
   # The exact references: every expert resident, run by each engine with the same jitted pieces and
   # kernels as its offloaded strategies, so "exact" means bitwise for every row against its own engine's

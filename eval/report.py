@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxmoe.offload import program
+
 
 def _ms(x: float | None) -> str:
   return "-" if x is None else f"{x * 1e3:.2f}"
@@ -108,7 +110,10 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
          f"d_model {cfg['d_model']}, expert d_ff {cfg['d_ff']}. Expert cache: {_mb(results['cache_bytes'])} MiB of "
          f"{_mb(results['store_bytes'])} MiB ({100 * s['cache_fraction']:.0f}%); one expert "
          f"{_mb(results['expert_bytes'])} MiB; measured host->device bandwidth "
-         f"{results['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s.", ""]
+         f"{results['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s. Plans on engine v2: "
+         + {True: "copied ahead of their step.", False: "eviction only (routed misses read in place).",
+            "auto": f"copied ahead where an expert is at least {program.MIN_COPY_BYTES / 2**20:g} MiB, "
+                    f"else eviction only (misses read in place)."}[s.get("plan_copies", True)], ""]
   train = results["model"].get("training") or {}
   if train:
     out += [f"Training: validation perplexity {train.get('val_ppl', float('nan')):.2f} against the unigram "

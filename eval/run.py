@@ -38,6 +38,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--new-tokens", type=cli.int_at_least(2), default=None, help="tokens generated per request")
   p.add_argument("--repeats", type=cli.positive_int, default=None,
                  help="timed requests per strategy and prompt, medians reported (default: 3; tiny preset 1)")
+  p.add_argument("--noisy-recalls", type=lambda t: () if t.strip() == "none" else cli.fraction_list(t),
+                 default=None,
+                 help="recalls of the noisy-oracle sweep, comma-separated, or 'none' to skip it (default: "
+                      "the preset's, e.g. 0.5,0.7,0.9,1.0 for gpu); it runs when oracle or learned does")
+  p.add_argument("--plan-copies", choices=("on", "off", "auto"), default=None,
+                 help="engine v2, strategies with plans (oracle, noisy_oracle, learned): 'on' copies planned "
+                      "experts ahead of their step, 'off' only evicts by the plan and reads routed misses "
+                      "in place, 'auto' copies experts of at least 6 MiB (below that a copy costs the host "
+                      "more than PCIe needs for it; default)")
   p.add_argument("--train-minutes", type=cli.positive_float, default=None,
                  help="wall-clock budget for training the model (default: the preset's)")
   p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
@@ -47,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.settings = pipeline.settings_for(a.preset, cache_fraction=a.cache_fraction, strategies=a.strategies,
                                        prompt_lengths=a.prompt_lengths, new_tokens=a.new_tokens,
                                        train_minutes=a.train_minutes, repeats=a.repeats,
+                                       noisy_recalls=a.noisy_recalls,
+                                       plan_copies={"on": True, "off": False, "auto": "auto", None: None}[a.plan_copies],
                                        profile=not a.no_trace)
     if a.data and not a.model:  # read once now: a bad corpus is refused before training, not after
       from train import data as data_lib

@@ -33,10 +33,16 @@ from jaxmoe.offload.store import ExpertStore, device_sharding
 
 SUPPORTED = ("resident", "on_demand", "lru", "lfu", "hybrid", "oracle", "noisy_oracle", "learned")
 PLAN_LEAD = 2  # a decode step's input token is this many positions past the last one read at its plan
+# `plan_copies="auto"` copies planned experts ahead only from this size up. On the H200 host each copy
+# costs the host ~0.12 ms (its `device_put` 0.07 ms, then 0.05 ms more to dispatch the step that
+# waits for it), about what PCIe needs for 5.4 MB at 45 GB/s; the host also dispatches every kernel of
+# the step, so below that size copies make a step host-bound. Measured 2026-12-04, gpu preset (4.7 MB
+# experts, 25 % cache), oracle per-token ms: copied ahead 9.23, in place 5.39 (docs/BENCHMARKS.md).
+MIN_COPY_BYTES = 6 * 2**20
 
 
 class StepOut(NamedTuple):
-  token: jax.Array  # [B] int32 next token
+  token: jax.Array  # [B, 1] int32 next token: the next step's input as it is (no slicing call)
   logits: jax.Array  # [B, V] f32
   kv: tuple  # per-layer LayerCache
   pools: dict  # {name: [S, ...]}
@@ -87,7 +93,7 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
   # or computed there), routed [L, U] distinct routed experts (-1 padded), the cache table [L, E]
   summary = jnp.concatenate([token.astype(jnp.int32), jnp.stack(hits), jnp.stack(misses),
                              jnp.stack(routed).ravel(), state.table.ravel()])
-  return StepOut(token, logits, tuple(new_kv), pools, state, summary, pos + t, step + 1)
+  return StepOut(token[:, None], logits, tuple(new_kv), pools, state, summary, pos + t, step + 1)
 
 
 def _padded(keys: list[tuple[int, int]], size: int | None = None) -> np.ndarray:
@@ -137,17 +143,19 @@ class ProgramEngine:
   of a step can route: top_k per token of a decode step; for a prompt, min(tokens x top_k, experts).
   `resident` holds every expert from the start; the other strategies start each request cold after
   `reset_cache`. `plan_copies` (strategies with plans): copy a step's planned experts ahead of it
-  (True) or only evict by the plan and read the routed misses in place (False): copies overlap
-  compute through the copy engine, but each one holds the host (docs/BENCHMARKS.md, "Engine v2").
+  (True) or only evict by the plan and read the routed misses in place (False); "auto" copies when
+  an expert is at least `MIN_COPY_BYTES`. A copy overlaps compute through the copy engine, but it
+  holds the host that dispatches the steps (docs/BENCHMARKS.md, "Engine v2").
   `host_backend` (`hybrid`): the host expert FFN's backend, "torch" / "xla" / "auto" (None:
   `host_experts.DEFAULT_BACKEND`); `host_choice.backend` says which one runs."""
 
   def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
                store: ExpertStore | None = None, device: jax.Device | None = None,
-               plan_copies: bool = True, host_backend: str | None = None):
+               plan_copies: bool | str = "auto", host_backend: str | None = None):
     cfg = model.cfg
-    self.plan_copies = bool(plan_copies)
+    if plan_copies not in (True, False, "auto"):
+      raise ValueError(f"plan_copies must be True, False or 'auto', got {plan_copies!r}")
     self.cfg = cfg
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
@@ -162,6 +170,8 @@ class ProgramEngine:
     self.store = store if store is not None else ExpertStore.from_model(model, device)
     if self.store.cfg != cfg:
       raise ValueError("the expert store was built for another config")
+    self.plan_copies = (self.store.expert_bytes >= MIN_COPY_BYTES if plan_copies == "auto"
+                        else plan_copies)
     self._sharding = device_sharding(device or self.store.device)
     put = lambda tree: jax.device_put(tree, self._sharding)
     self._head, self._head_leaves, self._layer, layer_leaves = split_model(model, put)
@@ -211,7 +221,7 @@ class ProgramEngine:
     ready = [time.perf_counter()]
     stats.ttft_s = ready[0] - stats.start_s
     for n in range(1, max_new_tokens):
-      last, out = out, self._run(out.kv, out.token[:, None], out.pos, out.step, key, temperature,
+      last, out = out, self._run(out.kv, out.token, out.pos, out.step, key, temperature,
                                  next_step=n + 1)
       if n >= 2:  # step n-1 is read while step n is queued: the device never waits for the host
         steps.append(self._read(last))
@@ -289,7 +299,8 @@ class ProgramEngine:
     strategy's step numbering: 0 is the prompt; None: no plan), so that they overlap this step.
     `decoding`: one token after the prompt (`hybrid` computes its uncached experts on the host)."""
     plan = self._pending
-    self._pending = None if next_step is None else self._issue_plan(next_step, copy=self.plan_copies)
+    self._pending = None if next_step is None else self._issue_plan(next_step, copy=self.plan_copies,
+                                                                    before=plan)
     admission = self._admission(plan, self._pending)
     host = self._host.handle if self._host is not None and decoding else None
     out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
@@ -298,17 +309,27 @@ class ProgramEngine:
     self._pools, self._state = out.pools, out.state
     return out
 
-  def _issue_plan(self, step: int, copy: bool = True) -> "_Plan | None":
-    """The plan of the strategy's `step`, with copies of its planned experts that the host last saw
-    uncached issued now (H2D copies overlap only compute dispatched after them). Key counts are
-    bucketed to powers of two, so few programs compile. None: the strategy plans nothing here."""
+  def _issue_plan(self, step: int, copy: bool = True, before: "_Plan | None" = None) -> "_Plan | None":
+    """The plan of the strategy's `step`, with copies of its planned experts issued now (H2D copies
+    overlap only compute dispatched after them) unless the host expects them cached: cached when it
+    last read the table (two steps ago) or planned for `before`, the step dispatched next, which
+    serves them first, when both plans fit the cache (copying those again moved 46 % more bytes per
+    token than reading misses in place on olmoe_shaped, 2026-12-04). Key
+    counts are bucketed to powers of two, so few programs compile. None: the strategy plans nothing
+    here."""
     cfg = self.cfg
     history = self._plan_history(step) if self.strategy.name == "learned" else None
     if not self._plans or (self.strategy.name == "learned" and history is None):
       return None
     experts = self.strategy.plan_step(history, 1, step, self.n_slots, cfg.n_layers) or []
     keys = [(layer, e) for layer, ids in enumerate(experts) for e in ids][:self.n_slots]
-    fills = [k for k in keys if self._cached[k] < 0] if copy else []
+    # `before`'s experts stay cached through it if both plans fit the cache: the eviction policy
+    # (`predicted`) gives up unplanned experts first
+    expected = set() if before is None else {(layer, e) for layer, ids in enumerate(before.experts)
+                                             for e in ids}
+    if len(expected | set(keys)) > self.n_slots:
+      expected = set()
+    fills = [k for k in keys if self._cached[k] < 0 and k not in expected] if copy else []
     now = time.perf_counter()
     self._copies += [CopyRecord(layer, e, step, "prefetch", self.store.expert_bytes, now)
                      for layer, e in fills]

@@ -123,6 +123,21 @@ def test_bench_program_cpu_smoke_is_exact(tmp_path):
   assert (tmp_path / "table.md").read_text().count("tiny") == 6
 
 
+def test_bench_program_runs_a_plan_with_and_without_its_copies(tmp_path, capsys):
+  from eval import bench_program
+  assert bench_program.main(["--presets", "tiny", "--new-tokens", "4", "--prompt-lengths", "8",
+                             "--repeats", "1", "--engines", "v2", "--strategies", "lru,oracle",
+                             "--cache-fractions", "0.5", "--plan-copies", "on,off", "--out", str(tmp_path)]) == 0
+  rows = json.loads((tmp_path / "results.json").read_text())["presets"][0]["rows"]
+  by = {(r["strategy"], r["plan_copies"]): r for r in rows}
+  assert set(by) == {("lru", None), ("oracle", True), ("oracle", False)}
+  assert all(r["tokens_equal"] and "error" not in r for r in rows)
+  # in place: nothing copied ahead, every miss read after its router chose
+  assert by["oracle", False]["prefetched_per_token"] == 0
+  assert "oracle/inpl" in (tmp_path / "table.md").read_text()
+  assert "--plan-copies" in refused(bench_program.main, ["--plan-copies", "maybe"], capsys)
+
+
 def test_bench_program_learned_needs_a_predictor(capsys):
   from eval import bench_program
   assert "--predictor" in refused(bench_program.main, ["--strategies", "lru,learned"], capsys)

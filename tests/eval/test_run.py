@@ -73,6 +73,8 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
     (["--strategies", "magic"], "--strategies"),
     (["--repeats", "0"], "--repeats"),
     (["--train-minutes", "0"], "--train-minutes"),
+    (["--noisy-recalls", "0.5,2"], "--noisy-recalls"),
+    (["--plan-copies", "maybe"], "--plan-copies"),
     (["--prompt-lengths", "250"], "--prompt-lengths 250 plus --new-tokens 8 exceed the model's max_seq_len"),
     # tiny: 2 layers x 8 experts, top-2: one token's experts of a layer are 2 / 16 of all experts
     (["--cache-fraction", "0.1"], "the smallest valid value is 0.125"),
@@ -85,6 +87,18 @@ def test_bad_arguments_are_refused_with_the_flag_named(args, flag, tmp_path, cap
 
 def test_the_smallest_valid_cache_fraction_is_accepted(tmp_path):
   assert run.parse_args(["--preset", "tiny", "--cache-fraction", "0.125"]).settings.cache_fraction == 0.125
+
+
+def test_the_noisy_oracle_sweep_can_be_chosen_or_skipped():
+  assert run.parse_args(["--preset", "gpu"]).settings.noisy_recalls == (0.5, 0.7, 0.9, 1.0)
+  assert run.parse_args(["--preset", "gpu", "--noisy-recalls", "0.6,1"]).settings.noisy_recalls == (0.6, 1.0)
+  assert run.parse_args(["--preset", "gpu", "--noisy-recalls", "none"]).settings.noisy_recalls == ()
+
+
+def test_plan_copies_default_to_the_engines_rule_and_can_be_forced():
+  assert run.parse_args(["--preset", "gpu"]).settings.plan_copies == "auto"
+  assert run.parse_args(["--preset", "gpu", "--plan-copies", "off"]).settings.plan_copies is False
+  assert run.parse_args(["--preset", "gpu", "--plan-copies", "on"]).settings.plan_copies is True
 
 
 def test_a_prompt_longer_than_a_given_models_context_is_refused_before_loading(tmp_path, capsys):

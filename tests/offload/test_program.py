@@ -38,7 +38,9 @@ def test_every_strategy_is_exact(built_references, variant, name):
   cfg = reference.cfg
   # the prompt (2 x 7 tokens) can route all 8 experts of a layer: the smallest budget that fits
   cache = None if name == "resident" else cfg.n_experts * cfg.expert_bytes
-  engine = ProgramEngine(reference.model, cache_bytes=cache, strategy=_strategy(name, reference))
+  # plans copied ahead (the busier path; "auto" would read a tiny model's misses in place)
+  engine = ProgramEngine(reference.model, cache_bytes=cache, strategy=_strategy(name, reference),
+                         plan_copies=True)
   for _ in range(2):  # the second request runs on the first one's cache
     tokens, stats = engine.generate(reference.prompt, NEW_TOKENS)
     np.testing.assert_array_equal(tokens, reference.out.tokens)
@@ -115,7 +117,7 @@ def oracle_case():
 
 def test_oracle_copies_each_decode_step_ahead_and_reads_nothing_then(oracle_case):
   model, prompt, want, _, oracle, _ = oracle_case
-  engine = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle)
+  engine = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle, plan_copies=True)
   tokens, stats = engine.generate(prompt, 8)
   np.testing.assert_array_equal(tokens, want)
   assert stats.step_read_bytes[0] > 0 and sum(stats.step_read_bytes[1:]) == 0
@@ -139,7 +141,8 @@ def test_a_perfect_learned_plan_reads_nothing_after_the_prompt(oracle_case):
   model, prompt, want, ref, _, _ = oracle_case
   cfg = model.cfg
   table = TablePredictor(ref.routing, prompt.shape[1], cfg.n_layers, cfg.n_experts, lead=PLAN_LEAD)
-  engine = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy="learned", predictor=table)
+  engine = ProgramEngine(model, cache_bytes=10 * cfg.expert_bytes, strategy="learned", predictor=table,
+                         plan_copies=True)
   tokens, stats = engine.generate(prompt, 8)
   np.testing.assert_array_equal(tokens, want)
   # every decode step's routed experts were cached or copied ahead: none read in place

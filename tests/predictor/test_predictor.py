@@ -192,7 +192,7 @@ def test_program_engine_learned_with_a_lead_2_predictor_is_exact(tiny_traces, tm
   prompt = rows[:2, :6]
   ref = generate.generate(model, prompt, 5)
   engine = ProgramEngine(model, cache_bytes=cfg.n_experts * cfg.expert_bytes, strategy="learned",
-                         predictor=pred)
+                         predictor=pred, plan_copies=True)
   tokens, stats = engine.generate(prompt, 5)
   np.testing.assert_array_equal(tokens, ref.tokens)
   np.testing.assert_array_equal(stats.logits, ref.logits)
