@@ -8,14 +8,17 @@
 Per preset (random weights, bf16 on a GPU): the plain jitted decode step of `jaxmoe.generate` beside
 its HBM roofline, the H2D rate, the host's DRAM read rate and its expert FFN rate (weight bytes per
 second, one row); then per strategy, engine and cache fraction TTFT (each prompt length) and per-token
-time, each against its bound (`eval.analytic.StepCost` on the bytes the request moved per decode
-token: compute of the v2 resident step, copies issued ahead hidden behind it, bytes fetched after the
-router chose added at the measured H2D bandwidth; `hybrid`'s experts computed on the host added at the
-host's expert rate), and exactness against the v2 resident run. `hybrid` runs with host compute forced
+time, with the host's time per decode step dispatching it (`disp`) and waiting for the device
+(`wait`: near zero, the host is the bottleneck), each against its bound (`eval.analytic.StepCost` on
+the bytes the request moved per decode token: compute of the v2 resident step, copies issued ahead
+hidden behind it, bytes fetched after the router chose added at the measured H2D bandwidth;
+`hybrid`'s experts computed on the host added at the host's expert rate), and exactness against the
+v2 resident run. `hybrid` runs with host compute forced
 on (v2 only), so it measures the host path whatever `auto` would choose.
 Random-weight models may repeat one token, which flatters caches: the distinct-token share of each
 continuation is reported beside it. `learned` needs --predictor, a predictor directory trained on traces
-of the same preset's model (`train.collect_traces --preset P`; v2 needs `train_predictor --lead 2`). Writes OUT/results.json and OUT/table.md; prints the table.
+of the same preset's model (`train.collect_traces --preset P`; v2 needs `train_predictor --lead 2`).
+Writes OUT/results.json and OUT/table.md; prints the table.
 """
 
 from __future__ import annotations
@@ -139,7 +142,8 @@ def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths,
                      on_demand_per_token=on_demand / (new_tokens - 1),
                      host_per_token=stats.host_experts * cfg.expert_bytes / (new_tokens - 1),
                      distinct_tokens=len(set(tokens[0, p:].tolist())) / new_tokens,
-                     hits=sum(stats.hits), misses=sum(stats.misses), host_experts=stats.host_experts)
+                     hits=sum(stats.hits), misses=sum(stats.misses), host_experts=stats.host_experts,
+                     host_split_s=dict(stats.host_split_s))
         row.setdefault("tokens_equal", True)
         row["tokens_equal"] &= bool(np.array_equal(tokens, ref[p][0]))
         row["max_logit_diff"] = max(row.get("max_logit_diff", 0.0),
@@ -181,11 +185,17 @@ def _row_line(preset: str, r: dict) -> str:
   return (f"{preset:<15}{r['engine']:<4}{_label(r):<13}{cache:>6}{r['tpot_s'] * 1e3:>8.2f}"
           f"{r['bound_s'] * 1e3:>8.2f}{r['vs_bound']:>6.2f}x {ttfts:<22}{'yes' if r['tokens_equal'] else 'NO':>4}"
           f"{r['max_logit_diff']:>9.3g}{r['distinct_tokens']:>6.2f}{r['bytes_per_token'] / 2**20:>9.1f}"
-          f"{r['host_per_token'] / 2**20:>9.1f}")
+          f"{r['host_per_token'] / 2**20:>9.1f}{_host_ms(r, 'dispatch')}{_host_ms(r, 'wait')}")
+
+
+def _host_ms(r: dict, part: str) -> str:
+  """A decode step's host time in `part` (v2: `OffloadStats.host_split_s`), ms; '-' where not timed."""
+  split = r.get("host_split_s") or {}
+  return f"{split[part] * 1e3:>7.2f}" if part in split else f"{'-':>7}"
 
 
 HEADER = (f"{'preset':<15}{'eng':<4}{'strategy':<13}{'cache':>6}{'tok ms':>8}{'bound':>8}{'ratio':>7} "
-          f"{'TTFT ms by prompt':<22}{'eq':>4}{'max dlog':>9}{'dist':>6}{'MiB/tok':>9}{'host MiB':>9}")
+          f"{'TTFT ms by prompt':<22}{'eq':>4}{'max dlog':>9}{'dist':>6}{'MiB/tok':>9}{'host MiB':>9}{'disp':>7}{'wait':>7}")
 
 
 def main(argv=None) -> int:

@@ -32,6 +32,7 @@ from jaxmoe.offload.stats import OffloadStats
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
 SUPPORTED = ("resident", "on_demand", "lru", "lfu", "hybrid", "oracle", "noisy_oracle", "learned")
+HOST_PARTS = ("plan", "dispatch", "wait", "read")  # a decode step's host time (`OffloadStats.host_split_s`)
 PLAN_LEAD = 2  # a decode step's input token is this many positions past the last one read at its plan
 # `plan_copies="auto"` copies planned experts ahead only from this size up. On the H200 host each copy
 # costs the host ~0.12 ms (its `device_put` 0.07 ms, then 0.05 ms more to dispatch the step that
@@ -200,6 +201,7 @@ class ProgramEngine:
         device_cache.use_offsets([], cfg.n_layers, cfg.n_experts), _padded([]), _padded([]))), ())
     self._pending: _Plan | None = None  # the plan of the next step to dispatch
     self._live, self._live_len = None, 0  # the request `prefill` started and its length
+    self._host_times: dict[str, float] | None = None  # `generate`'s decode steps, by part of HOST_PARTS
     if strategy.resident:
       self._load_everything()
 
@@ -218,6 +220,7 @@ class ProgramEngine:
     self._known = (prompt, steps, max_new_tokens)  # the tokens the host has read, for `learned` plans
     out = self._start(prompt, key, temperature, next_step=1)
     steps.append(self._read(out))
+    self._host_times = {part: 0.0 for part in HOST_PARTS}  # the decode steps' (the prompt's left out)
     ready = [time.perf_counter()]
     stats.ttft_s = ready[0] - stats.start_s
     for n in range(1, max_new_tokens):
@@ -231,6 +234,8 @@ class ProgramEngine:
       ready.append(time.perf_counter())
     stats.e2e_s = ready[-1] - stats.start_s
     stats.token_latencies_s = np.diff(ready).tolist()
+    stats.host_split_s = {part: t / max(1, max_new_tokens - 1) for part, t in self._host_times.items()}
+    self._host_times = None
     stats.n_generated = max_new_tokens
     self._record(stats, steps)
     new = np.stack([s.token for s in steps], axis=1)
@@ -276,7 +281,12 @@ class ProgramEngine:
 
   def _read(self, out: StepOut) -> "_StepRecord":
     """One device-to-host read of a finished step's small outputs (its device arrays are then free)."""
+    t0 = time.perf_counter()
+    out.summary.block_until_ready()
+    t1 = time.perf_counter()
     summary, logits = jax.device_get((out.summary, out.logits))
+    self._clock("wait", t0, t1)
+    self._clock("read", t1, time.perf_counter())
     record = _StepRecord.of(summary, logits, self.cfg.n_layers, self.cfg.n_experts)
     self._cached = record.table
     return record
@@ -298,16 +308,25 @@ class ProgramEngine:
     """Dispatch one step with the copies issued for it; first issue those of `next_step` (the
     strategy's step numbering: 0 is the prompt; None: no plan), so that they overlap this step.
     `decoding`: one token after the prompt (`hybrid` computes its uncached experts on the host)."""
+    t0 = time.perf_counter()
     plan = self._pending
     self._pending = None if next_step is None else self._issue_plan(next_step, copy=self.plan_copies,
                                                                     before=plan)
     admission = self._admission(plan, self._pending)
     host = self._host.handle if self._host is not None and decoding else None
+    t1 = time.perf_counter()
     out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
                 self._head_leaves, self._layer_leaves, self._views, self._pools, self._state, kv, tokens,
                 pos, step, key, admission, host=host)
     self._pools, self._state = out.pools, out.state
+    self._clock("plan", t0, t1)
+    self._clock("dispatch", t1, time.perf_counter())
     return out
+
+  def _clock(self, part: str, start: float, end: float):
+    """Adds host time to `part` of the request's decode steps (`OffloadStats.host_split_s`)."""
+    if self._host_times is not None:
+      self._host_times[part] += end - start
 
   def _issue_plan(self, step: int, copy: bool = True, before: "_Plan | None" = None) -> "_Plan | None":
     """The plan of the strategy's `step`, with copies of its planned experts issued now (H2D copies

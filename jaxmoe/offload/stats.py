@@ -35,6 +35,10 @@ class OffloadStats:
   speculated: int = 0  # layers computed on the plan before their routing was read (and found right)
   logits: np.ndarray | None = None  # [B, N, V] f32 of the generated tokens
   start_s: float = 0.0  # perf_counter at the request's start
+  # ProgramEngine, per decode step (mean): the host's time planning it (strategy plan, copies issued,
+  # admission packed), dispatching its program, waiting for it to finish and reading it back; a wait
+  # near zero means the device waited for the host (the step is host-bound)
+  host_split_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def tpot_s(self) -> float:
@@ -73,4 +77,4 @@ class OffloadStats:
             "hits": list(self.hits), "misses": list(self.misses), "stall_s": list(self.stall_s),
             "n_copies": len(self.copies), "redone": self.redone,
             "speculated": self.speculated, "decode_misses": self.decode_misses,
-            "host_experts": self.host_experts}
+            "host_experts": self.host_experts, "host_split_s": dict(self.host_split_s)}

@@ -11,7 +11,7 @@ import pytest
 from jaxmoe import config, generate as gen, model as model_lib
 from jaxmoe.offload import OffloadEngine, device_cache, host_experts, strategies
 from jaxmoe.offload.hostview import device_view
-from jaxmoe.offload.program import PLAN_LEAD, SUPPORTED, ProgramEngine
+from jaxmoe.offload.program import MIN_COPY_BYTES, PLAN_LEAD, SUPPORTED, ProgramEngine
 from jaxmoe.offload.store import expert_layout, host_sharding
 from tests.offload.reference_runs import NEW_TOKENS, PROMPT_LEN, VARIANTS, TablePredictor, build_reference
 
@@ -122,6 +122,32 @@ def test_oracle_copies_each_decode_step_ahead_and_reads_nothing_then(oracle_case
   np.testing.assert_array_equal(tokens, want)
   assert stats.step_read_bytes[0] > 0 and sum(stats.step_read_bytes[1:]) == 0
   assert stats.copies and all(c.reason == "prefetch" and c.step >= 1 for c in stats.copies)
+
+
+def test_the_copies_ahead_skip_what_the_step_in_flight_brings(oracle_case):
+  """The host plans step s+1 from the table it read two steps back; what step s plans is cached by
+  s+1 when both plans fit the cache (12 slots, 6 experts a step): copying it again wastes bytes."""
+  model, prompt, want, _, oracle, _ = oracle_case
+  engine = ProgramEngine(model, cache_bytes=12 * model.cfg.expert_bytes, strategy=oracle, plan_copies=True)
+  tokens, stats = engine.generate(prompt, 8)
+  np.testing.assert_array_equal(tokens, want)
+  assert sum(stats.step_read_bytes[1:]) == 0 and stats.copies
+  later = [c for c in stats.copies if c.step >= 2]  # step 1 follows the prompt, which overflows the cache
+  assert later and not any(c.expert in stats.routing[c.step - 1][c.layer] for c in later)
+  # the host's time per decode step, by part: disjoint stretches of the loop, no more than a token's time
+  split = stats.host_split_s
+  assert set(split) == {"plan", "dispatch", "wait", "read"} and min(split.values()) >= 0
+  assert split["plan"] > 0 and split["dispatch"] > 0  # an oracle plans every decode step
+  assert sum(split.values()) <= stats.tpot_s * (1 + 1e-6)
+  assert stats.summary()["host_split_s"] == split
+
+
+def test_plan_copies_auto_follows_the_expert_size(oracle_case):
+  model, _, _, _, oracle, _ = oracle_case
+  small = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle)
+  assert model.cfg.expert_bytes < MIN_COPY_BYTES and small.plan_copies is False
+  with pytest.raises(ValueError, match="plan_copies"):
+    ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle, plan_copies="maybe")
 
 
 def test_oracle_without_plan_copies_evicts_by_its_plan_and_reads_in_place(oracle_case):
