@@ -29,6 +29,7 @@ from eval import bench_files
 from jaxmoe import config, generate as gen, model as model_lib
 from jaxmoe.offload import ExpertStore, OffloadEngine, strategies, trace
 from jaxmoe.offload.store import measure_h2d_bandwidth
+from jaxmoe.offload.program import PLANNED
 
 DEFAULT_STRATEGIES = ("resident", "on_demand", "lru", "stream_all", "next_gate", "oracle",
                       "noisy_oracle", "learned")
@@ -197,7 +198,7 @@ def bench(args) -> dict:
     for name in warmup:
       for label, prompt, tokens in requests:
         run(model, store, cfg, name, args, slots, prompt, min(tokens, 2), None, None)
-    if args.speculate and {"oracle", "noisy_oracle", "learned"} & set(args.strategies):
+    if args.speculate and set(PLANNED) & set(args.strategies):
       # speculative steps write and compute in one program per count of copies written: a whole
       # oracle request compiles the counts decoding meets
       label, prompt, tokens = requests[0]

@@ -146,6 +146,7 @@ def bench(args) -> dict:
   import numpy as np
   from jaxmoe.offload import OffloadEngine, strategies
   from jaxmoe.offload.parallel import ExpertParallelEngine
+  from jaxmoe.offload.program import PLANNED
 
   unsupported = set(args.strategies) - (set(strategies.NAMES) - {"learned", "resident", "hybrid"})
   if unsupported:
@@ -170,7 +171,7 @@ def bench(args) -> dict:
   for length in args.prompts:
     prompt = rng.integers(0, cfg.vocab_size, (args.batch, length))
     routing = None
-    for name in sorted(args.strategies, key=lambda s: s in ("oracle", "noisy_oracle", "learned")):
+    for name in sorted(args.strategies, key=lambda s: s in PLANNED):
       if name in ("oracle", "noisy_oracle") and routing is None:
         raise ValueError(f"{name} replays a recorded routing: list a non-oracle strategy before it")
       strategy = lambda: strategies.make(name, n_experts=cfg.n_experts, routing=routing)

@@ -37,11 +37,10 @@ import numpy as np
 from eval import analytic, cli, pipeline
 from jaxmoe import config, generate as gen, model as model_lib
 from jaxmoe.offload import ExpertStore, OffloadEngine, host_experts, strategies
-from jaxmoe.offload.program import ProgramEngine
+from jaxmoe.offload.program import PLANNED, ProgramEngine
 from jaxmoe.offload.store import measure_h2d_bandwidth
 
 HBM_BYTES_PER_S = 4.3e12  # H200 device-to-device copy (read + write), measured
-PLANNED = ("oracle", "noisy_oracle", "learned")  # strategies whose plans ProgramEngine may copy ahead
 
 
 def copy_modes(text: str) -> tuple:

@@ -390,7 +390,7 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
 
   p0 = min(prompts)
   sweep = []
-  if s.noisy_recalls and any(n in s.strategies for n in ("oracle", "learned", "noisy_oracle")):
+  if s.noisy_recalls and any(n in s.strategies for n in program.PLANNED):
     for r in tqdm(s.noisy_recalls, desc="noisy oracle"):
       want = reference_v2.get(p0, reference[p0]) if "noisy_oracle" in v2 else reference[p0]
       eng = engine("noisy_oracle", routing=routing_of("noisy_oracle", p0), recall=r, seed=0)

@@ -32,6 +32,7 @@ from jaxmoe.offload.stats import OffloadStats
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
 SUPPORTED = ("resident", "on_demand", "lru", "lfu", "hybrid", "oracle", "noisy_oracle", "learned")
+PLANNED = ("oracle", "noisy_oracle", "learned")  # those that plan each step (eviction hints, copies ahead)
 HOST_PARTS = ("plan", "dispatch", "wait", "read")  # a decode step's host time (`OffloadStats.host_split_s`)
 PLAN_LEAD = 2  # a decode step's input token is this many positions past the last one read at its plan
 # `plan_copies="auto"` copies planned experts ahead only from this size up. On the H200 host each copy
@@ -196,7 +197,7 @@ class ProgramEngine:
     self._cached = np.full((cfg.n_layers, cfg.n_experts), -1)  # the host's last read of the table
     self._copies: list[CopyRecord] = []  # prefetch copies issued for the request being run
     # plans come from strategies that plan whole steps (oracles, learned); the others send no admission
-    self._plans = strategy.name in ("oracle", "noisy_oracle", "learned")
+    self._plans = strategy.name in PLANNED
     self._no_plan = device_cache.Admission(put(device_cache.pack_plan(
         device_cache.use_offsets([], cfg.n_layers, cfg.n_experts), _padded([]), _padded([]))), ())
     self._pending: _Plan | None = None  # the plan of the next step to dispatch
