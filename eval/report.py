@@ -46,8 +46,9 @@ def strategy_table(results: dict[str, Any]) -> str:
   rows = results["strategies"]
   by = {r["name"]: r for r in rows}
   lines = ["| strategy | engine | exact | TTFT ms (prompt tokens: ms) | per-token ms | predicted ms | e2e ms | tok/s | MiB copied "
-           "(useful / wasted) | hit rate | stall ms | vs on_demand | vs lru | vs resident |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "(useful / wasted) | hit rate | stall ms | host ms a step (dispatch / wait) | vs on_demand | vs lru | "
+           "vs resident |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ttfts = " / ".join(f"{p} tok: {_ms(t)}" for p, t in r["ttft_s_by_prompt"].items())
     speed = lambda base: f"{by[base]['tpot_s'] / r['tpot_s']:.2f}x" if base in by and r["tpot_s"] else "-"
@@ -55,9 +56,16 @@ def strategy_table(results: dict[str, Any]) -> str:
         f"| {r['name']} | {r.get('engine', 'v1')} | {'yes' if r['tokens_equal'] else 'NO'} | {ttfts} | {_ms(r['tpot_s'])} | "
         f"{_ms(r.get('predicted_tpot_s'))} | {_ms(r['e2e_s'])} | {r['tokens_per_s']:.1f} | "
         f"{_mb(r['bytes_copied'])} ({_mb(r['bytes_useful'])} / {_mb(r['bytes_wasted'])}) | "
-        f"{_pct(r['hit_rate'])} | {_ms(sum(r['stall_s']))} | {speed('on_demand')} | {speed('lru')} | "
-        f"{speed('resident')} |")
+        f"{_pct(r['hit_rate'])} | {_ms(sum(r['stall_s']))} | {_host_split(r)} | {speed('on_demand')} | "
+        f"{speed('lru')} | {speed('resident')} |")
   return "\n".join(lines)
+
+
+def _host_split(row: dict[str, Any]) -> str:
+  """Engine v2's host time per decode step dispatching it / waiting for the device (a wait near zero:
+  the host sets the pace); '-' for the per-layer engine."""
+  split = row.get("host_split_s") or {}
+  return f"{_ms(split['dispatch'])} / {_ms(split['wait'])}" if "wait" in split else "-"
 
 
 def predictor_table(results: dict[str, Any]) -> str:
