@@ -275,6 +275,19 @@ def test_a_layer_never_evicts_its_own_experts_and_on_demand_keeps_none():
   assert _serve_sequence("lru", False, [[0, 1], [0, 1]]) == [(0, 2, []), (0, 2, [])]
 
 
+def test_planned_uses_are_the_first_tick_of_each_expert_in_the_step_and_after_it():
+  # 2 layers x 3 experts; a step ticks once for its admissions, then once per layer: layer l of the
+  # m-th step from now is tick m * 3 + 2 + l
+  plan = [[[0], [1, 2]],  # this step: expert 0 of layer 0 at tick 2, experts 1, 2 of layer 1 at 3
+          [[0, 2], []],  # next step: layer 0's 0 and 2 at tick 5
+          [[2], [1]]]  # the step after: layer 0's 2 again (5 stays first), layer 1's 1 at tick 9
+  never = device_cache.NEVER
+  np.testing.assert_array_equal(device_cache.use_offsets(plan, 2, 3), [
+      [2, never, never, never, 3, 3],
+      [5, never, 5, never, 9, never]])
+  assert (device_cache.use_offsets([], 2, 3) == never).all()
+
+
 def test_predicted_eviction_gives_up_the_farthest_planned_use():
   # slots hold experts 0 (used last, next planned far ahead) and 1 (planned soon): 2 evicts 0
   cfg = dataclasses.replace(config.tiny(), n_layers=1, n_experts=4, d_model=16, d_ff=16)
