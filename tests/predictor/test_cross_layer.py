@@ -58,3 +58,18 @@ def test_cross_layer_beats_next_gate_two_layers_ahead(cross_layer, tmp_path):
   assert table["popularity"]["input"]["recall_k_avg"] == result["rows"][0]["recall_k_avg"]
   md, _ = compare_predictors.write_report(result, str(tmp_path))
   assert "| next_gate | " in open(md).read() and (tmp_path / "predictors_distance.png").stat().st_size > 0
+
+
+def test_cross_layer_batches_are_the_same_gathered_on_the_device_or_the_host(cross_layer, monkeypatch):
+  tr = data.load_traces(cross_layer[0])
+  rows = data.split_by_document(tr.doc_ids, VAL)[0]
+  on_device = training._Task("cross_layer", tr, rows, depth=2, gather_on_device=True)
+  on_host = training._Task("cross_layer", tr, rows, depth=2)
+  assert on_device.hidden_on_device is not None and on_host.hidden_on_device is None
+  for step in range(3):
+    a, b = (task.batch(np.random.default_rng([0, step]), 256) for task in (on_device, on_host))
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(np.asarray(x), y)
+  assert np.asarray(a[0]).dtype == on_host.hidden.dtype
+  monkeypatch.setattr(training, "DEVICE_GATHER_BYTES", 0)  # too big for the device: gathered on the host
+  assert training._Task("cross_layer", tr, rows, depth=2, gather_on_device=True).hidden_on_device is None
