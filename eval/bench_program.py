@@ -37,18 +37,10 @@ import numpy as np
 from eval import analytic, cli, pipeline
 from jaxmoe import config, generate as gen, model as model_lib
 from jaxmoe.offload import ExpertStore, OffloadEngine, host_experts, strategies
-from jaxmoe.offload.program import PLANNED, ProgramEngine
+from jaxmoe.offload.program import MIN_COPY_BYTES, PLANNED, ProgramEngine
 from jaxmoe.offload.store import measure_h2d_bandwidth
 
 HBM_BYTES_PER_S = 4.3e12  # H200 device-to-device copy (read + write), measured
-
-
-def copy_modes(text: str) -> tuple:
-  """An argparse type: comma-separated 'on' / 'off' / 'auto' -> ProgramEngine's plan_copies values."""
-  words = [w.strip() for w in text.split(",") if w.strip()]
-  if not words or set(words) - {"on", "off", "auto"}:
-    raise argparse.ArgumentTypeError(f"give on, off, auto or a list of them (on,off); got {text!r}")
-  return tuple(dict.fromkeys({"on": True, "off": False, "auto": "auto"}[w] for w in words))
 
 
 def plain_decode(model, prompt_len: int, repeats: int = 20) -> dict:
@@ -216,11 +208,11 @@ def main(argv=None) -> int:
   p.add_argument("--strategies", default="resident,on_demand,lru,oracle",
                  help="comma-separated (hybrid: host compute forced on, v2 only)")
   p.add_argument("--predictor", help="predictor directory for the learned strategy (train_predictor)")
-  p.add_argument("--plan-copies", type=copy_modes, default=("auto",),
+  p.add_argument("--plan-copies", type=cli.plan_copies_list, default=("auto",), metavar="MODES",
                  help="v2 strategies with plans (oracle, learned): 'on' copies planned experts ahead of "
                       "their step, 'off' only evicts by the plan and reads routed misses in place "
-                      "(rows marked /inpl), 'auto' copies experts of at least "
-                      "program.MIN_COPY_BYTES (6 MiB); a list (on,off) runs each (default: auto)")
+                      f"(rows marked /inpl), 'auto' copies experts of at least "
+                      f"{MIN_COPY_BYTES / 2**20:g} MiB; a list (on,off) runs each (default: auto)")
   p.add_argument("--host-backend", choices=host_experts.BACKENDS, default=host_experts.DEFAULT_BACKEND,
                  help="hybrid's host expert FFN: torch (if importable: auto), or XLA:CPU")
   p.add_argument("--out", default="runs/bench/bench_program", help="directory for results.json, table.md")

@@ -67,6 +67,24 @@ def fraction_list(text: str) -> tuple[float, ...]:
   return tuple(fraction(p) for p in parts)
 
 
+PLAN_COPIES = {"on": True, "off": False, "auto": "auto"}  # words -> ProgramEngine's plan_copies
+
+
+def plan_copies(text: str):
+  """An argparse type: on / off / auto -> ProgramEngine's plan_copies value."""
+  if text.strip() not in PLAN_COPIES:
+    raise argparse.ArgumentTypeError(f"give on, off or auto; got {text!r}")
+  return PLAN_COPIES[text.strip()]
+
+
+def plan_copies_list(text: str) -> tuple:
+  """An argparse type: comma-separated on / off / auto ("on,off") -> distinct plan_copies values."""
+  words = [w for w in text.split(",") if w.strip()]
+  if not words:
+    raise argparse.ArgumentTypeError("give on, off, auto or a list of them (on,off)")
+  return tuple(dict.fromkeys(plan_copies(w) for w in words))
+
+
 def model_run_dir(path: str | Path) -> Path:
   """The model run directory named by `path`: a main job's output directory (its model/ inside) or a
   model run directory itself, so the pieces chain after `eval.run` as they do after `train.train_model`."""

@@ -42,10 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  default=None,
                  help="recalls of the noisy-oracle sweep, comma-separated, or 'none' to skip it (default: "
                       "the preset's, e.g. 0.5,0.7,0.9,1.0 for gpu); it runs when oracle or learned does")
-  p.add_argument("--plan-copies", choices=("on", "off", "auto"), default=None,
+  p.add_argument("--plan-copies", type=cli.plan_copies, default=None, metavar="{on,off,auto}",
                  help="engine v2, strategies with plans (oracle, noisy_oracle, learned): 'on' copies planned "
                       "experts ahead of their step, 'off' only evicts by the plan and reads routed misses "
-                      "in place, 'auto' copies experts of at least 6 MiB (below that a copy costs the host "
+                      "in place, 'auto' copies experts of at least "
+                      f"{pipeline.program.MIN_COPY_BYTES / 2**20:g} MiB (below that a copy costs the host "
                       "more than PCIe needs for it; default)")
   p.add_argument("--train-minutes", type=cli.positive_float, default=None,
                  help="wall-clock budget for training the model (default: the preset's)")
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        prompt_lengths=a.prompt_lengths, new_tokens=a.new_tokens,
                                        train_minutes=a.train_minutes, repeats=a.repeats,
                                        noisy_recalls=a.noisy_recalls,
-                                       plan_copies={"on": True, "off": False, "auto": "auto", None: None}[a.plan_copies],
+                                       plan_copies=a.plan_copies,
                                        profile=not a.no_trace)
     if a.data and not a.model:  # read once now: a bad corpus is refused before training, not after
       from train import data as data_lib

@@ -334,22 +334,15 @@ class ProgramEngine:
     overlap only compute dispatched after them) unless the host expects them cached: cached when it
     last read the table (two steps ago) or planned for `before`, the step dispatched next, which
     serves them first, when both plans fit the cache (copying those again moved 46 % more bytes per
-    token than reading misses in place on olmoe_shaped, 2026-12-04). Key
-    counts are bucketed to powers of two, so few programs compile. None: the strategy plans nothing
-    here."""
+    token than reading misses in place on olmoe_shaped, 2026-12-04). Key counts are bucketed to
+    powers of two, so few programs compile. None: the strategy plans nothing here."""
     cfg = self.cfg
     history = self._plan_history(step) if self.strategy.name == "learned" else None
     if not self._plans or (self.strategy.name == "learned" and history is None):
       return None
     experts = self.strategy.plan_step(history, 1, step, self.n_slots, cfg.n_layers) or []
     keys = [(layer, e) for layer, ids in enumerate(experts) for e in ids][:self.n_slots]
-    # `before`'s experts stay cached through it if both plans fit the cache: the eviction policy
-    # (`predicted`) gives up unplanned experts first
-    expected = set() if before is None else {(layer, e) for layer, ids in enumerate(before.experts)
-                                             for e in ids}
-    if len(expected | set(keys)) > self.n_slots:
-      expected = set()
-    fills = [k for k in keys if self._cached[k] < 0 and k not in expected] if copy else []
+    fills = self._fills(keys, before) if copy else []
     now = time.perf_counter()
     self._copies += [CopyRecord(layer, e, step, "prefetch", self.store.expert_bytes, now)
                      for layer, e in fills]
@@ -359,6 +352,15 @@ class ProgramEngine:
     buffers = jax.device_put([self.store.buffer(*k) for k in fills], self._sharding) if fills else []
     buffers += buffers[:1] * (len(fill_keys) - len(buffers))
     return _Plan(step, experts, _padded(keys if copy else []), fill_keys, tuple(buffers))
+
+  def _fills(self, keys: list[tuple[int, int]], before: "_Plan | None") -> list[tuple[int, int]]:
+    """The planned keys to copy: those the host last saw uncached, less `before`'s, which stay cached
+    through it if both plans fit the cache (the `predicted` policy gives up unplanned experts first)."""
+    expected = set() if before is None else {(layer, e) for layer, ids in enumerate(before.experts)
+                                             for e in ids}
+    if len(expected | set(keys)) > self.n_slots:
+      expected = set()
+    return [k for k in keys if self._cached[k] < 0 and k not in expected]
 
   def _admission(self, plan: "_Plan | None", then: "_Plan | None") -> device_cache.Admission:
     """What the step of `plan` admits: its copies, and the planned uses of its experts and of the
