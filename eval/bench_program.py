@@ -74,11 +74,13 @@ def _request(engine, prompt, new_tokens: int, repeats: int):
 
 def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths, new_tokens: int,
                  repeats: int, engines: list[str], names: list[str], predictor=None,
-                 plan_copies=("auto",), log=print, host_backend: str | None = None) -> dict:
+                 plan_copies=("auto",), log=print, host_backend: str | None = None,
+                 command_buffers=(False,)) -> dict:
   cfg = config.preset(name)
   cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, n_layers=layers or cfg.n_layers)
   model = model_lib.create(cfg, 0)
   out = {"preset": name, "config": cfg.to_dict(), "plan_copies": list(plan_copies),
+         "command_buffers": list(command_buffers),
          **plain_decode(model, max(prompt_lengths))}
   store = ExpertStore.from_model(model)
   bandwidth = measure_h2d_bandwidth(store)
@@ -94,13 +96,15 @@ def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths,
   ref = {p: reference.generate(prompts[p], new_tokens) for p in prompt_lengths}
   compute_s = _request(reference, prompts[p0], new_tokens, repeats)[0][1].tpot_s
   del reference
-  # strategies with plans run once per copy mode on v2 (v1 always copies its plans)
+  # strategies with plans run once per copy mode on v2 (v1 always copies its plans), and every v2
+  # strategy once per command-buffer mode
   modes = lambda e, s: plan_copies if e == "v2" and s in PLANNED else ("auto",)
-  runs = [(e, s, f, c) for e in engines for s in names
-          for f in ([None] if s == "resident" else cache_fractions) for c in modes(e, s)
+  graphs = lambda e: command_buffers if e == "v2" else (False,)
+  runs = [(e, s, f, c, g) for e in engines for s in names
+          for f in ([None] if s == "resident" else cache_fractions) for c in modes(e, s) for g in graphs(e)
           if not (e == "v1" and s == "hybrid")]  # v1 runs every expert on the device
   rows = []
-  for engine_name, strategy, fraction, copies in runs:
+  for engine_name, strategy, fraction, copies, graphed in runs:
     cache_bytes = None if fraction is None else max(int(fraction * store.nbytes),
                                                     cfg.n_experts * cfg.expert_bytes)
 
@@ -114,10 +118,10 @@ def bench_preset(name: str, layers: int | None, cache_fractions, prompt_lengths,
         s = strategies.make("hybrid", n_experts=cfg.n_experts, host_compute="always")
       if engine_name == "v2":
         return ProgramEngine(model, cache_bytes=cache_bytes, strategy=s, store=store,
-                             plan_copies=copies, host_backend=host_backend)
+                             plan_copies=copies, host_backend=host_backend, command_buffers=graphed)
       return OffloadEngine(model, cache_bytes=cache_bytes, strategy=s, store=store)
     row = {"engine": engine_name, "strategy": strategy, "cache_fraction": fraction,
-           "cache_bytes": cache_bytes, "plan_copies": None}
+           "cache_bytes": cache_bytes, "plan_copies": None, "command_buffers": graphed}
     try:
       for p in prompt_lengths:
         eng = make()
@@ -164,16 +168,18 @@ def _decode_bytes(stats) -> tuple[int, int]:
 
 
 def _label(r: dict) -> str:
-  """A row's strategy, marked `/inpl` where its plan only evicted (routed misses read in place)."""
-  return r["strategy"] + ("/inpl" if r.get("plan_copies") is False else "")
+  """A row's strategy, marked `/inpl` where its plan only evicted (routed misses read in place) and
+  `+cb` where its step ran in command buffers."""
+  return (r["strategy"] + ("/inpl" if r.get("plan_copies") is False else "")
+          + ("+cb" if r.get("command_buffers") else ""))
 
 
 def _row_line(preset: str, r: dict) -> str:
   cache = "all" if r["cache_fraction"] is None else f"{r['cache_fraction']:g}"
   if "error" in r:
-    return f"{preset:<15}{r['engine']:<4}{_label(r):<13}{cache:>6} {r['error']}"
+    return f"{preset:<15}{r['engine']:<4}{_label(r):<16}{cache:>6} {r['error']}"
   ttfts = " ".join(f"{k[7:]}:{v * 1e3:.1f}" for k, v in r.items() if k.startswith("ttft_s_"))
-  return (f"{preset:<15}{r['engine']:<4}{_label(r):<13}{cache:>6}{r['tpot_s'] * 1e3:>8.2f}"
+  return (f"{preset:<15}{r['engine']:<4}{_label(r):<16}{cache:>6}{r['tpot_s'] * 1e3:>8.2f}"
           f"{r['bound_s'] * 1e3:>8.2f}{r['vs_bound']:>6.2f}x {ttfts:<22}{'yes' if r['tokens_equal'] else 'NO':>4}"
           f"{r['max_logit_diff']:>9.3g}{r['distinct_tokens']:>6.2f}{r['bytes_per_token'] / 2**20:>9.1f}"
           f"{r['host_per_token'] / 2**20:>9.1f}{_host_ms(r, 'dispatch')}{_host_ms(r, 'wait')}")
@@ -185,7 +191,7 @@ def _host_ms(r: dict, part: str) -> str:
   return f"{split[part] * 1e3:>7.2f}" if part in split else f"{'-':>7}"
 
 
-HEADER = (f"{'preset':<15}{'eng':<4}{'strategy':<13}{'cache':>6}{'tok ms':>8}{'bound':>8}{'ratio':>7} "
+HEADER = (f"{'preset':<15}{'eng':<4}{'strategy':<16}{'cache':>6}{'tok ms':>8}{'bound':>8}{'ratio':>7} "
           f"{'TTFT ms by prompt':<22}{'eq':>4}{'max dlog':>9}{'dist':>6}{'MiB/tok':>9}{'host MiB':>9}{'disp':>7}{'wait':>7}")
 
 
@@ -213,6 +219,10 @@ def main(argv=None) -> int:
                       "their step, 'off' only evicts by the plan and reads routed misses in place "
                       f"(rows marked /inpl), 'auto' copies experts of at least "
                       f"{MIN_COPY_BYTES / 2**20:g} MiB; a list (on,off) runs each (default: auto)")
+  p.add_argument("--command-buffers", type=cli.on_off_list, default=(False,), metavar="MODES",
+                 help="v2: 'on' compiles each step with XLA command buffers (CUDA graphs, the Pallas "
+                      "kernels included: fewer launches by the host; rows marked +cb), 'off' without; "
+                      "a list (on,off) runs each (default: off)")
   p.add_argument("--host-backend", choices=host_experts.BACKENDS, default=host_experts.DEFAULT_BACKEND,
                  help="hybrid's host expert FFN: torch (if importable: auto), or XLA:CPU")
   p.add_argument("--out", default="runs/bench/bench_program", help="directory for results.json, table.md")
@@ -233,7 +243,7 @@ def main(argv=None) -> int:
     layers = a.layers or (a.mixtral_layers if name == "mixtral_shaped" else None)
     r = bench_preset(name, layers, a.cache_fractions, lengths, a.new_tokens, a.repeats,
                      a.engines.split(","), a.strategies.split(","), predictor, a.plan_copies,
-                     host_backend=a.host_backend)
+                     host_backend=a.host_backend, command_buffers=a.command_buffers)
     print(f"{name}: plain decode {r['plain_decode_s'] * 1e3:.3f} ms, HBM roofline {r['roofline_s'] * 1e3:.3f} ms, "
           f"v2 resident {r['compute_s'] * 1e3:.3f} ms, H2D {r['h2d_bytes_per_s'] / 1e9:.1f} GB/s, host read "
           f"{r['host_read_bytes_per_s'] / 1e9:.1f} GB/s, host expert FFN {r['host_expert_bytes_per_s'] / 1e9:.1f} GB/s "

@@ -85,6 +85,14 @@ def plan_copies_list(text: str) -> tuple:
   return tuple(dict.fromkeys(plan_copies(w) for w in words))
 
 
+def on_off_list(text: str) -> tuple[bool, ...]:
+  """An argparse type: comma-separated on / off ("on,off") -> distinct booleans, in order."""
+  words = [w.strip() for w in text.split(",") if w.strip()]
+  if not words or any(w not in ("on", "off") for w in words):
+    raise argparse.ArgumentTypeError(f"give on, off or on,off; got {text!r}")
+  return tuple(dict.fromkeys(w == "on" for w in words))
+
+
 def model_run_dir(path: str | Path) -> Path:
   """The model run directory named by `path`: a main job's output directory (its model/ inside) or a
   model run directory itself, so the pieces chain after `eval.run` as they do after `train.train_model`."""

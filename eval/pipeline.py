@@ -55,6 +55,8 @@ class RunSettings:
   # engine v2, strategies with plans: copy planned experts ahead of their step (True), or only evict
   # by the plan and read routed misses in place (False); "auto": `ProgramEngine`'s rule (expert size)
   plan_copies: bool | str = "auto"
+  # engine v2: compile each step with XLA command buffers (`program.COMMAND_BUFFERS`)
+  command_buffers: bool = False
 
   def __post_init__(self):
     if not 0 < self.cache_fraction <= 1:
@@ -85,7 +87,7 @@ RUN_PRESETS = {
 
 def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, prompt_lengths=None,
                  new_tokens=None, train_minutes=None, repeats=None, profile=True,
-                 noisy_recalls=None, plan_copies=None) -> RunSettings:
+                 noisy_recalls=None, plan_copies=None, command_buffers=None) -> RunSettings:
   """The preset's settings with the command line's overrides (None keeps the preset's value);
   strategies is comma-separated text, prompt_lengths a sequence of ints, noisy_recalls a sequence
   of recalls (empty: no sweep)."""
@@ -108,6 +110,8 @@ def settings_for(preset: str | None, *, cache_fraction=None, strategies=None, pr
     over["noisy_recalls"] = tuple(noisy_recalls)
   if plan_copies is not None:
     over["plan_copies"] = plan_copies
+  if command_buffers is not None:
+    over["command_buffers"] = command_buffers
   return dataclasses.replace(s, **over)
 
 
@@ -324,13 +328,14 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
     """Engine v2 (one program per step) for the strategies it runs, else the per-layer engine."""
     on_v2 = name in v2
     if name == "resident":
-      return (program.ProgramEngine(model, strategy="resident", store=store) if on_v2 else
+      return (program.ProgramEngine(model, strategy="resident", store=store,
+                                    command_buffers=s.command_buffers) if on_v2 else
               OffloadEngine(model, strategy="resident", store=store, **kw))
     strategy = strategies_lib.make(name, n_experts=cfg.n_experts, predictor=plan_predictor if on_v2 else predictor,
                                    **kw)
     if on_v2:
       return program.ProgramEngine(model, cache_bytes=cache_bytes, strategy=strategy, store=store,
-                                   plan_copies=s.plan_copies)
+                                   plan_copies=s.plan_copies, command_buffers=s.command_buffers)
     return OffloadEngine(model, cache_bytes=cache_bytes, strategy=strategy, store=store)
 
   # The exact references: every expert resident, run by each engine with the same jitted pieces and

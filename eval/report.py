@@ -121,7 +121,8 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
          f"{results['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s. Plans on engine v2: "
          + {True: "copied ahead of their step.", False: "eviction only (routed misses read in place).",
             "auto": f"copied ahead where an expert is at least {program.MIN_COPY_BYTES / 2**20:g} MiB, "
-                    f"else eviction only (misses read in place)."}[s.get("plan_copies", True)], ""]
+                    f"else eviction only (misses read in place)."}[s.get("plan_copies", True)]
+         + (" Steps compiled with XLA command buffers." if s.get("command_buffers") else ""), ""]
   train = results["model"].get("training") or {}
   if train:
     out += [f"Training: validation perplexity {train.get('val_ppl', float('nan')):.2f} against the unigram "

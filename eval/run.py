@@ -48,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "in place, 'auto' copies experts of at least "
                       f"{pipeline.program.MIN_COPY_BYTES / 2**20:g} MiB (below that a copy costs the host "
                       "more than PCIe needs for it; default)")
+  p.add_argument("--command-buffers", choices=("on", "off"), default=None,
+                 help="engine v2: 'on' compiles each step with XLA command buffers (CUDA graphs, the Pallas "
+                      "kernels included), so the host launches a few graphs a step instead of every "
+                      "kernel (default: off)")
   p.add_argument("--train-minutes", type=cli.positive_float, default=None,
                  help="wall-clock budget for training the model (default: the preset's)")
   p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
@@ -59,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        train_minutes=a.train_minutes, repeats=a.repeats,
                                        noisy_recalls=a.noisy_recalls,
                                        plan_copies=a.plan_copies,
+                                       command_buffers=None if a.command_buffers is None else
+                                       a.command_buffers == "on",
                                        profile=not a.no_trace)
     if a.data and not a.model:  # read once now: a bad corpus is refused before training, not after
       from train import data as data_lib

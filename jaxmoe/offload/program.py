@@ -41,6 +41,11 @@ PLAN_LEAD = 2  # a decode step's input token is this many positions past the las
 # the step, so below that size copies make a step host-bound. Measured 2026-12-04, gpu preset (4.7 MB
 # experts, 25 % cache), oracle per-token ms: copied ahead 9.23, in place 5.39 (docs/BENCHMARKS.md).
 MIN_COPY_BYTES = 6 * 2**20
+# `command_buffers=True`: XLA records the step's kernels, the Pallas ones (custom calls) included, into
+# CUDA graphs, so the host launches a few graphs a step instead of every kernel (a step is host-bound,
+# docs/BENCHMARKS.md, "Where a v2 step's time goes"). Compile options of the step program only.
+COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
+                   "xla_gpu_graph_min_graph_size": 1}
 
 
 class StepOut(NamedTuple):
@@ -54,8 +59,6 @@ class StepOut(NamedTuple):
   step: jax.Array  # [] steps run (sampling key)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames="host",
-                   donate_argnames=("pools", "state", "kv"))
 def _step(head, structure, layout, policy: str, keep: bool, temperature: float, head_leaves,
           layer_leaves, views, pools, state, kv, tokens, pos, step, key,
           plan: device_cache.Admission, host: host_experts.Handle | None = None) -> StepOut:
@@ -96,6 +99,11 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
   summary = jnp.concatenate([token.astype(jnp.int32), jnp.stack(hits), jnp.stack(misses),
                              jnp.stack(routed).ravel(), state.table.ravel()])
   return StepOut(token[:, None], logits, tuple(new_kv), pools, state, summary, pos + t, step + 1)
+
+
+_jit_step = functools.partial(jax.jit, _step, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames="host",
+                              donate_argnames=("pools", "state", "kv"))
+_STEPS = {False: _jit_step(), True: _jit_step(compiler_options=COMMAND_BUFFERS)}  # by command_buffers
 
 
 def _padded(keys: list[tuple[int, int]], size: int | None = None) -> np.ndarray:
@@ -149,15 +157,21 @@ class ProgramEngine:
   an expert is at least `MIN_COPY_BYTES`. A copy overlaps compute through the copy engine, but it
   holds the host that dispatches the steps (docs/BENCHMARKS.md, "Engine v2").
   `host_backend` (`hybrid`): the host expert FFN's backend, "torch" / "xla" / "auto" (None:
-  `host_experts.DEFAULT_BACKEND`); `host_choice.backend` says which one runs."""
+  `host_experts.DEFAULT_BACKEND`); `host_choice.backend` says which one runs.
+  `command_buffers`: compile the step with `COMMAND_BUFFERS` (GPU; other backends ignore them)."""
 
   def __init__(self, model: MoELM, *, cache_bytes: int | None = None,
                strategy: str | strategies.Strategy = "lru", predictor=None,
                store: ExpertStore | None = None, device: jax.Device | None = None,
-               plan_copies: bool | str = "auto", host_backend: str | None = None):
+               plan_copies: bool | str = "auto", host_backend: str | None = None,
+               command_buffers: bool = False):
     cfg = model.cfg
     if plan_copies not in (True, False, "auto"):
       raise ValueError(f"plan_copies must be True, False or 'auto', got {plan_copies!r}")
+    if command_buffers not in (True, False):
+      raise ValueError(f"command_buffers must be True or False, got {command_buffers!r}")
+    self.command_buffers = command_buffers
+    self._step = _STEPS[command_buffers]
     self.cfg = cfg
     if isinstance(strategy, str):
       strategy = strategies.make(strategy, n_experts=cfg.n_experts, predictor=predictor)
@@ -316,9 +330,9 @@ class ProgramEngine:
     admission = self._admission(plan, self._pending)
     host = self._host.handle if self._host is not None and decoding else None
     t1 = time.perf_counter()
-    out = _step(self._head, self._layer, self.store.layout, self._policy, self._keep, float(temperature),
-                self._head_leaves, self._layer_leaves, self._views, self._pools, self._state, kv, tokens,
-                pos, step, key, admission, host=host)
+    out = self._step(self._head, self._layer, self.store.layout, self._policy, self._keep,
+                     float(temperature), self._head_leaves, self._layer_leaves, self._views, self._pools,
+                     self._state, kv, tokens, pos, step, key, admission, host=host)
     self._pools, self._state = out.pools, out.state
     self._clock("plan", t0, t1)
     self._clock("dispatch", t1, time.perf_counter())

@@ -123,19 +123,22 @@ def test_bench_program_cpu_smoke_is_exact(tmp_path):
   assert (tmp_path / "table.md").read_text().count("tiny") == 6
 
 
-def test_bench_program_runs_a_plan_with_and_without_its_copies(tmp_path, capsys):
+def test_bench_program_runs_a_plan_with_and_without_its_copies_and_command_buffers(tmp_path, capsys):
   from eval import bench_program
   assert bench_program.main(["--presets", "tiny", "--new-tokens", "4", "--prompt-lengths", "8",
                              "--repeats", "1", "--engines", "v2", "--strategies", "oracle",
-                             "--cache-fractions", "0.5", "--plan-copies", "on,off", "--out", str(tmp_path)]) == 0
+                             "--cache-fractions", "0.5", "--plan-copies", "on,off",
+                             "--command-buffers", "off,on", "--out", str(tmp_path)]) == 0
   rows = json.loads((tmp_path / "results.json").read_text())["presets"][0]["rows"]
-  by = {(r["strategy"], r["plan_copies"]): r for r in rows}
-  assert set(by) == {("oracle", True), ("oracle", False)}
+  by = {(r["strategy"], r["plan_copies"], r["command_buffers"]): r for r in rows}
+  assert set(by) == {("oracle", c, g) for c in (True, False) for g in (True, False)}
   assert all(r["host_split_s"]["dispatch"] > 0 for r in rows)  # the host's time per decode step
   assert all(r["tokens_equal"] and "error" not in r for r in rows)
   # in place: nothing copied ahead, every miss read after its router chose
-  assert by["oracle", False]["prefetched_per_token"] == 0
-  assert "oracle/inpl" in (tmp_path / "table.md").read_text()
+  assert by["oracle", False, False]["prefetched_per_token"] == 0
+  table = (tmp_path / "table.md").read_text()
+  assert "oracle/inpl " in table and "oracle/inpl+cb" in table and "oracle+cb" in table
+  assert "--command-buffers" in refused(bench_program.main, ["--command-buffers", "maybe"], capsys)
   assert "--plan-copies" in refused(bench_program.main, ["--plan-copies", "maybe"], capsys)
 
 

@@ -101,6 +101,11 @@ def test_plan_copies_default_to_the_engines_rule_and_can_be_forced():
   assert run.parse_args(["--preset", "gpu", "--plan-copies", "on"]).settings.plan_copies is True
 
 
+def test_command_buffers_are_off_unless_asked_for():
+  assert run.parse_args(["--preset", "gpu"]).settings.command_buffers is False
+  assert run.parse_args(["--preset", "gpu", "--command-buffers", "on"]).settings.command_buffers is True
+
+
 def test_a_prompt_longer_than_a_given_models_context_is_refused_before_loading(tmp_path, capsys):
   model = tmp_path / "model"
   checkpoint.save_config(dataclasses.replace(config.tiny(), max_seq_len=64), model)  # a config, no weights

@@ -150,6 +150,19 @@ def test_plan_copies_auto_follows_the_expert_size(oracle_case):
     ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle, plan_copies="maybe")
 
 
+def test_command_buffers_compile_the_same_step(oracle_case):
+  """The step compiled with the command-buffer options gives the same results (on a GPU, where they
+  act: tests/offload/test_gpu.py)."""
+  model, prompt, want, ref, oracle, _ = oracle_case
+  engine = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle,
+                         command_buffers=True)
+  tokens, stats = engine.generate(prompt, 8)
+  np.testing.assert_array_equal(tokens, want)
+  np.testing.assert_array_equal(stats.logits, ref.logits)
+  with pytest.raises(ValueError, match="command_buffers"):
+    ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle, command_buffers="on")
+
+
 def test_oracle_without_plan_copies_evicts_by_its_plan_and_reads_in_place(oracle_case):
   model, prompt, want, ref, oracle, lru = oracle_case
   engine = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle,
