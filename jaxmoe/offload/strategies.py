@@ -27,7 +27,6 @@ compute an expert faster than the link copies it, "always" / "never" force eithe
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -217,12 +216,13 @@ class Learned(Strategy):
       raise ValueError(f"predictor scores have shape {p.shape}, expected [B, n_new, L, E]")
     p_any = 1.0 - np.prod(1.0 - np.clip(p, 0.0, 1.0), axis=(0, 1))  # [L, E]
     share = max(1, n_slots // n_layers)
-    plan = []
-    for layer in range(n_layers):
-      m = self.per_layer or min(share, max(1, math.ceil(self.hedge * p_any[layer].sum() - 1e-9)))
-      ranked = np.argsort(-p_any[layer], kind="stable")[:m]
-      plan.append([int(e) for e in ranked if p_any[layer, e] > self.min_prob])
-    return plan
+    # per layer: the m most likely experts above min_prob (one argsort for all layers: the host plans
+    # every decode step on its critical path)
+    m = (np.full(n_layers, self.per_layer) if self.per_layer else
+         np.clip(np.ceil(self.hedge * p_any.sum(axis=1) - 1e-9), 1, share).astype(int))
+    ranked = np.argsort(-p_any, axis=1, kind="stable")
+    keep = (np.take_along_axis(p_any, ranked, axis=1) > self.min_prob) & (np.arange(p_any.shape[1]) < m[:, None])
+    return [row[k].tolist() for row, k in zip(ranked, keep)]
 
 
 NAMES = ("resident", "on_demand", "lru", "lfu", "hybrid", "stream_all", "next_gate", "oracle", "noisy_oracle",

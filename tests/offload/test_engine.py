@@ -212,3 +212,31 @@ def test_guesses_are_speculated_on_decode_steps_only(swiglu_reference):
   np.testing.assert_array_equal(tokens, ref.out.tokens)
   assert stats.redone == 0
   assert stats.speculated == (NEW_TOKENS - 1) * ref.cfg.n_layers
+
+
+class _FixedScores:
+  """A predictor whose scores are given: [B, n_new, L, E]."""
+
+  def __init__(self, p):
+    self.p = np.asarray(p, np.float64)
+    self.n_layers, self.n_experts = self.p.shape[2:]
+
+  def scores(self, history, n_new):
+    return self.p
+
+
+def test_learned_plans_each_layers_likeliest_experts_within_its_share():
+  # layer 0: P(needed) 0.9, 0.6, 0.2, 0.0 -> sum 1.7, m = 2; layer 1: two tokens, 1 - (1 - .5)(1 - .5) =
+  # .75 for expert 3, and .1 / .1 -> .19 for experts 0 and 1 (a tie: the lower id first), sum 1.13, m = 2
+  p = np.zeros((1, 2, 2, 4))
+  p[0, 0, 0] = [0.9, 0.6, 0.2, 0.0]
+  p[0, :, 1] = [[0.1, 0.1, 0.0, 0.5], [0.1, 0.1, 0.0, 0.5]]
+  history = np.zeros((1, 3), np.int32)
+  learned = strategies.Learned(_FixedScores(p))
+  assert learned.plan_step(history, 2, 1, n_slots=8, n_layers=2) == [[0, 1], [3, 0]]
+  assert learned.plan_step(history, 2, 1, n_slots=2, n_layers=2) == [[0], [3]]  # a share of 1 slot
+  assert strategies.Learned(_FixedScores(p), hedge=2.0).plan_step(history, 2, 1, 8, 2) == [[0, 1, 2], [3, 0, 1]]
+  assert strategies.Learned(_FixedScores(p), per_layer=4, min_prob=0.15).plan_step(
+      history, 2, 1, 8, 2) == [[0, 1, 2], [3, 0, 1]]  # experts at or below min_prob left out
+  with pytest.raises(ValueError, match="covers 2 layers"):
+    learned.plan_step(history, 2, 1, 8, 3)
