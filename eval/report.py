@@ -46,7 +46,7 @@ def strategy_table(results: dict[str, Any]) -> str:
   rows = results["strategies"]
   by = {r["name"]: r for r in rows}
   lines = ["| strategy | engine | exact | TTFT ms (prompt tokens: ms) | per-token ms | predicted ms | e2e ms | tok/s | MiB copied "
-           "(useful / wasted) | hit rate | stall ms | host ms a step (dispatch / wait) | vs on_demand | vs lru | "
+           "(useful / wasted) | hit rate | stall ms | host ms a step (plan / dispatch / wait) | vs on_demand | vs lru | "
            "vs resident |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -62,10 +62,11 @@ def strategy_table(results: dict[str, Any]) -> str:
 
 
 def _host_split(row: dict[str, Any]) -> str:
-  """Engine v2's host time per decode step dispatching it / waiting for the device (a wait near zero:
-  the host sets the pace); '-' for the per-layer engine."""
+  """Engine v2's host time per decode step planning it / dispatching it / waiting for the device (a
+  wait near zero: the host sets the pace); '-' for the per-layer engine."""
   split = row.get("host_split_s") or {}
-  return f"{_ms(split['dispatch'])} / {_ms(split['wait'])}" if "wait" in split else "-"
+  return (f"{_ms(split['plan'])} / {_ms(split['dispatch'])} / {_ms(split['wait'])}" if "wait" in split
+          else "-")
 
 
 def predictor_table(results: dict[str, Any]) -> str:

@@ -50,11 +50,10 @@ COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUST
 
 class StepOut(NamedTuple):
   token: jax.Array  # [B, 1] int32 next token: the next step's input as it is (no slicing call)
-  logits: jax.Array  # [B, V] f32
   kv: tuple  # per-layer LayerCache
   pools: dict  # {name: [S, ...]}
   state: device_cache.CacheState
-  summary: jax.Array  # int32, what the host reads of the step in one transfer (`_StepRecord.of`)
+  summary: jax.Array  # int32, all the host reads of the step, in one transfer (`_StepRecord.of`)
   pos: jax.Array  # [] tokens in the KV cache after the step
   step: jax.Array  # [] steps run (sampling key)
 
@@ -94,11 +93,13 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
     new_kv.append(layer_cache)
   logits = last_logits(head, head_leaves, x)
   token = select_token(logits, temperature, None if temperature == 0.0 else jax.random.fold_in(key, step))
-  # token [B], hits [L], misses [L] (routed experts found cached / not cached: read from host memory,
-  # or computed there), routed [L, U] distinct routed experts (-1 padded), the cache table [L, E]
-  summary = jnp.concatenate([token.astype(jnp.int32), jnp.stack(hits), jnp.stack(misses),
+  # logits [B, V] (their f32 bits), token [B], hits [L], misses [L] (routed experts found cached / not
+  # cached: read from host memory, or computed there), routed [L, U] distinct routed experts (-1
+  # padded), the cache table [L, E]: one device-to-host transfer a step (each costs the host ~0.1 ms)
+  bits = jax.lax.bitcast_convert_type(logits.astype(jnp.float32), jnp.int32).ravel()
+  summary = jnp.concatenate([bits, token.astype(jnp.int32), jnp.stack(hits), jnp.stack(misses),
                              jnp.stack(routed).ravel(), state.table.ravel()])
-  return StepOut(token[:, None], logits, tuple(new_kv), pools, state, summary, pos + t, step + 1)
+  return StepOut(token[:, None], tuple(new_kv), pools, state, summary, pos + t, step + 1)
 
 
 _jit_step = functools.partial(jax.jit, _step, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames="host",
@@ -126,12 +127,14 @@ class _StepRecord(NamedTuple):
   table: np.ndarray  # [L, E]
 
   @classmethod
-  def of(cls, summary: np.ndarray, logits: np.ndarray, n_layers: int, n_experts: int) -> "_StepRecord":
+  def of(cls, summary: np.ndarray, batch: int, vocab: int, n_layers: int, n_experts: int) -> "_StepRecord":
     """Split a step's `StepOut.summary` (layout in `_step`)."""
-    b = logits.shape[0]
-    hits, misses = summary[b:b + n_layers], summary[b + n_layers:b + 2 * n_layers]
-    routed, table = summary[b + 2 * n_layers:-n_layers * n_experts], summary[-n_layers * n_experts:]
-    return cls(summary[:b], logits, hits, misses, routed.reshape(n_layers, -1),
+    logits = summary[:batch * vocab].view(np.float32).reshape(batch, vocab)
+    rest = summary[batch * vocab:]
+    b = batch
+    hits, misses = rest[b:b + n_layers], rest[b + n_layers:b + 2 * n_layers]
+    routed, table = rest[b + 2 * n_layers:-n_layers * n_experts], rest[-n_layers * n_experts:]
+    return cls(rest[:b], logits, hits, misses, routed.reshape(n_layers, -1),
                table.reshape(n_layers, n_experts))
 
 
@@ -299,10 +302,11 @@ class ProgramEngine:
     t0 = time.perf_counter()
     out.summary.block_until_ready()
     t1 = time.perf_counter()
-    summary, logits = jax.device_get((out.summary, out.logits))
+    summary = np.asarray(out.summary)
     self._clock("wait", t0, t1)
     self._clock("read", t1, time.perf_counter())
-    record = _StepRecord.of(summary, logits, self.cfg.n_layers, self.cfg.n_experts)
+    record = _StepRecord.of(summary, out.token.shape[0], self.cfg.vocab_size, self.cfg.n_layers,
+                            self.cfg.n_experts)
     self._cached = record.table
     return record
 

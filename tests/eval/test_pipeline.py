@@ -59,6 +59,16 @@ def test_targets_without_a_bound_say_dash():
                                      "value": "-", "met": None}]
 
 
+def test_the_predictor_cost_target_is_learned_planning_time_over_its_step():
+  rows = {"learned": {"name": "learned", "ttft_s": 0.01, "tpot_s": 0.004,
+                      "host_split_s": {"plan": 0.0001, "dispatch": 0.003, "wait": 0.0, "read": 0.0005}}}
+  cost = [t for t in pipeline.targets(rows) if "planning" in t["target"]]
+  assert cost == [{"target": "learned's planning a decode step (predictor call included) < 2 % of the step",
+                   "value": "2.5 % (0.10 ms)", "met": False}]
+  rows["learned"]["host_split_s"]["plan"] = 0.00004
+  assert [t["met"] for t in pipeline.targets(rows) if "planning" in t["target"]] == [True]
+
+
 def test_a_failure_after_the_strategies_keeps_the_measured_rows(subset_run, tmp_path, monkeypatch):
   model_dir, _ = subset_run
 
