@@ -505,14 +505,15 @@ def _ttft_target(label: str, rows: list[dict]) -> dict[str, Any]:
   return {"target": target, "value": f"{v:.2f}x", "met": v <= 1.10}
 
 
-def break_even(sweep: list[dict], target_tpot: float) -> float | None:
-  """The recall at which the noisy oracle's per-token latency falls to `target_tpot` (interpolated)."""
-  pts = sorted((p["recall"], p["tpot_s"]) for p in sweep)
+def break_even(sweep: list[dict], target: float, key: str = "tpot_s") -> float | None:
+  """The recall at which the noisy oracle's `key` (per-token latency; `bytes_copied`: the bytes its
+  request moved) falls to `target` (interpolated between sweep points)."""
+  pts = sorted((p["recall"], p[key]) for p in sweep)
   for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
-    if (t0 - target_tpot) * (t1 - target_tpot) <= 0 and t0 != t1:
-      return r0 + (t0 - target_tpot) * (r1 - r0) / (t0 - t1)
-  if pts and pts[0][1] <= target_tpot:
-    return pts[0][0]  # already faster at the lowest recall swept
+    if (t0 - target) * (t1 - target) <= 0 and t0 != t1:
+      return r0 + (t0 - target) * (r1 - r0) / (t0 - t1)
+  if pts and pts[0][1] <= target:
+    return pts[0][0]  # already below at the lowest recall swept
   return None
 
 
@@ -570,8 +571,13 @@ def run(s: RunSettings, out: Path, model_path: str | None = None, data: str | No
   if "resident" in rows:  # the decode step the predictors' cost is compared with
     comparison["meta"]["us_decode_step_model"] = rows["resident"]["tpot_s"] * 1e6
   results["meta"]["complete"] = True
-  save({**res, "break_even_recall": {b: break_even(res["noisy_oracle_sweep"], rows[b]["tpot_s"])
+  sweep = res["noisy_oracle_sweep"]
+  save({**res, "break_even_recall": {b: break_even(sweep, rows[b]["tpot_s"])
                                      for b in ("on_demand", "lru") if b in rows},
+        # the caching part alone: the recall from which plans move no more bytes than the baseline
+        # (bytes do not depend on the machine, unlike the time)
+        "break_even_recall_bytes": {b: break_even(sweep, rows[b]["bytes_copied"], key="bytes_copied")
+                                    for b in ("on_demand", "lru") if b in rows},
         "targets": targets(rows), "timeline": _timeline_for_plot(rows)})
   pngs = plots.write_all(results, out)
   (out / "report.md").write_text(report.markdown(results, [p.name for p in pngs]))

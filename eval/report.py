@@ -187,14 +187,18 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
   out += ["## 3. Accuracy -> speedup", ""]
   sweep = results.get("noisy_oracle_sweep") or []
   if sweep and "on_demand" in rows:
-    out += ["| noisy-oracle recall | hit rate | per-token ms | speedup vs on_demand |", "|---|---|---|---|"]
+    out += ["| noisy-oracle recall | hit rate | MiB moved | per-token ms | speedup vs on_demand |",
+            "|---|---|---|---|---|"]
     for p in sweep:
-      out.append(f"| {p['recall']:.1f} | {_pct(p['hit_rate'])} | {_ms(p['tpot_s'])} | "
+      out.append(f"| {p['recall']:.1f} | {_pct(p['hit_rate'])} | {_mb(p['bytes_copied'])} | {_ms(p['tpot_s'])} | "
                  f"{rows['on_demand']['tpot_s'] / p['tpot_s']:.2f}x |")
     out.append("")
+    word = lambda r: "not reached in the sweep" if r is None else f"{r:.2f}"
     for base, r in results.get("break_even_recall", {}).items():
-      out.append(f"- Break-even recall against `{base}`: "
-                 + ("not reached in the sweep" if r is None else f"{r:.2f}"))
+      out.append(f"- Break-even recall against `{base}`, per-token time (hiding and caching): {word(r)}")
+    for base, r in results.get("break_even_recall_bytes", {}).items():
+      out.append(f"- Break-even recall against `{base}`, bytes moved (caching alone, the same on any "
+                 f"machine): {word(r)}")
     out.append("")
 
   out += ["## 4. Quality", ""]

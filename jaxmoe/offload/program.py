@@ -302,7 +302,7 @@ class ProgramEngine:
     t0 = time.perf_counter()
     out.summary.block_until_ready()
     t1 = time.perf_counter()
-    summary = np.asarray(out.summary)
+    summary = jax.device_get(out.summary)  # a copy: views of the array would keep it alive
     self._clock("wait", t0, t1)
     self._clock("read", t1, time.perf_counter())
     record = _StepRecord.of(summary, out.token.shape[0], self.cfg.vocab_size, self.cfg.n_layers,

@@ -59,6 +59,14 @@ def test_targets_without_a_bound_say_dash():
                                      "value": "-", "met": None}]
 
 
+def test_break_even_interpolates_the_recall_where_the_sweep_crosses_the_baseline():
+  sweep = [{"recall": 0.9, "tpot_s": 2.0, "bytes_copied": 100}, {"recall": 0.5, "tpot_s": 4.0, "bytes_copied": 300}]
+  assert pipeline.break_even(sweep, 3.0) == pytest.approx(0.7)  # halfway between 4.0 and 2.0 ms
+  assert pipeline.break_even(sweep, 250, key="bytes_copied") == pytest.approx(0.6)
+  assert pipeline.break_even(sweep, 5.0) == 0.5  # already below at the lowest recall
+  assert pipeline.break_even(sweep, 1.0) is None  # never reached
+
+
 def test_the_predictor_cost_target_is_learned_planning_time_over_its_step():
   rows = {"learned": {"name": "learned", "ttft_s": 0.01, "tpot_s": 0.004,
                       "host_split_s": {"plan": 0.0001, "dispatch": 0.003, "wait": 0.0, "read": 0.0005}}}

@@ -41,9 +41,10 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
   assert rows["resident"]["bytes_copied"] == 0
   assert rows["on_demand"]["hit_rate"] == 0.0  # nothing is kept or prefetched
   assert rows["oracle"]["bytes_wasted"] == 0  # the oracle prefetches only what is routed
-  assert [t["target"].split()[0] for t in results["targets"]] == ["learned", "learned", "best", "best"]
-  assert results["targets"][3]["target"].startswith("best deployable")
-  assert "oracle" not in results["targets"][3]["target"]
+  assert [t["target"].split()[0] for t in results["targets"]] == ["learned", "learned", "learned's", "best",
+                                                                   "best"]
+  assert results["targets"][4]["target"].startswith("best deployable")
+  assert "oracle" not in results["targets"][4]["target"]
   for r in results["strategies"]:
     assert r["ttft_bound_s"] >= rows["resident"]["ttft_s"]
     c, t = r["compute_tpot_s"], r["transfer_tpot_s"]  # the physics: (C + T) / max(C, T) in [1, 2]
