@@ -574,8 +574,8 @@ def run(s: RunSettings, out: Path, model_path: str | None = None, data: str | No
   sweep = res["noisy_oracle_sweep"]
   save({**res, "break_even_recall": {b: break_even(sweep, rows[b]["tpot_s"])
                                      for b in ("on_demand", "lru") if b in rows},
-        # the caching part alone: the recall from which plans move no more bytes than the baseline
-        # (bytes do not depend on the machine, unlike the time)
+        # bytes: the recall from which plans move no more than the baseline (caching's saving less
+        # wrong copies' waste; unlike the time, the same on any machine)
         "break_even_recall_bytes": {b: break_even(sweep, rows[b]["bytes_copied"], key="bytes_copied")
                                     for b in ("on_demand", "lru") if b in rows},
         "targets": targets(rows), "timeline": _timeline_for_plot(rows)})

@@ -197,8 +197,8 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
     for base, r in results.get("break_even_recall", {}).items():
       out.append(f"- Break-even recall against `{base}`, per-token time (hiding and caching): {word(r)}")
     for base, r in results.get("break_even_recall_bytes", {}).items():
-      out.append(f"- Break-even recall against `{base}`, bytes moved (caching alone, the same on any "
-                 f"machine): {word(r)}")
+      out.append(f"- Break-even recall against `{base}`, bytes moved (what caching saves less what wrong "
+                 f"copies waste; the same on any machine): {word(r)}")
     out.append("")
 
   out += ["## 4. Quality", ""]
