@@ -47,32 +47,12 @@ def test_trace_sees_host_to_device_copies(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["on_demand", "lru", "oracle"])
-def test_program_engine_in_bf16_equals_its_resident_run(strategy):
-  # experts read across PCIe from the store's device views: the same bits as from HBM
-  from jaxmoe.offload import strategies
-  from jaxmoe.offload.program import ProgramEngine
-  cfg = dataclasses.replace(config.gpu(), n_layers=4, param_dtype="bfloat16")
-  model = model_lib.create(cfg, seed=1)
-  prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 16))
-  resident = ProgramEngine(model, strategy="resident")
-  want, ref_stats = resident.generate(prompt, 8)
-  if strategy == "oracle":
-    strategy = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref_stats.routing)
-  engine = ProgramEngine(model, cache_bytes=cfg.n_experts * cfg.expert_bytes, strategy=strategy,
-                         store=resident.store)
-  tokens, stats = engine.generate(prompt, 8)
-  np.testing.assert_array_equal(tokens, want)
-  np.testing.assert_array_equal(stats.logits, ref_stats.logits)
-  assert sum(stats.misses) > 0  # some experts really came from host memory
-  assert resident.store.buffer(0, 0).sharding.memory_kind == "pinned_host"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["resident", "lru", "oracle"])
-def test_program_engine_stays_exact_with_kernels_in_command_buffers(strategy):
-  """Steps compiled with `COMMAND_BUFFERS` (the Pallas custom calls inside CUDA graphs) give the bf16
-  tokens and logits of the resident run compiled without them."""
+@pytest.mark.parametrize("strategy, command_buffers", [("on_demand", False), ("lru", False), ("oracle", False),
+                                                       ("resident", True), ("lru", True), ("oracle", True)])
+def test_program_engine_in_bf16_equals_its_resident_run(strategy, command_buffers):
+  """Experts read across PCIe from the store's device views give the bits they give from HBM; steps
+  compiled with `COMMAND_BUFFERS` (the Pallas custom calls inside CUDA graphs) too. The oracle copies
+  its plans ahead; the reference is the resident run compiled without command buffers."""
   from jaxmoe.offload import strategies
   from jaxmoe.offload.program import ProgramEngine
   cfg = dataclasses.replace(config.gpu(), n_layers=4, param_dtype="bfloat16")
@@ -84,9 +64,11 @@ def test_program_engine_stays_exact_with_kernels_in_command_buffers(strategy):
     strategy = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref.routing)
   budget = None if strategy == "resident" else cfg.n_experts * cfg.expert_bytes
   engine = ProgramEngine(model, cache_bytes=budget, strategy=strategy, store=resident.store,
-                         plan_copies=True, command_buffers=True)
-  for _ in range(2):  # the second request replays the recorded graphs
+                         plan_copies=True, command_buffers=command_buffers)
+  for _ in range(2):  # the second request runs the compiled (and recorded) steps again
     tokens, stats = engine.generate(prompt, 8)
     np.testing.assert_array_equal(tokens, want)
     np.testing.assert_array_equal(stats.logits, ref.logits)
+    assert (sum(stats.misses) > 0) == (strategy != "resident")  # experts really came from host memory
     engine.reset_cache()
+  assert resident.store.buffer(0, 0).sharding.memory_kind == "pinned_host"

@@ -142,31 +142,21 @@ def test_the_copies_ahead_skip_what_the_step_in_flight_brings(oracle_case):
   assert stats.summary()["host_split_s"] == split
 
 
-def test_plan_copies_auto_follows_the_expert_size(oracle_case):
+def test_plan_copies_auto_follows_the_expert_size_and_bad_options_are_refused(oracle_case):
   model, _, _, _, oracle, _ = oracle_case
   small = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle)
   assert model.cfg.expert_bytes < MIN_COPY_BYTES and small.plan_copies is False
   with pytest.raises(ValueError, match="plan_copies"):
     ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle, plan_copies="maybe")
-
-
-def test_command_buffers_compile_the_same_step(oracle_case):
-  """The step compiled with the command-buffer options gives the same results (on a GPU, where they
-  act: tests/offload/test_gpu.py)."""
-  model, prompt, want, ref, oracle, _ = oracle_case
-  engine = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle,
-                         command_buffers=True)
-  tokens, stats = engine.generate(prompt, 8)
-  np.testing.assert_array_equal(tokens, want)
-  np.testing.assert_array_equal(stats.logits, ref.logits)
   with pytest.raises(ValueError, match="command_buffers"):
     ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle, command_buffers="on")
 
 
-def test_oracle_without_plan_copies_evicts_by_its_plan_and_reads_in_place(oracle_case):
+@pytest.mark.parametrize("command_buffers", [False, True])  # the options act on a GPU (test_gpu.py)
+def test_oracle_without_plan_copies_evicts_by_its_plan_and_reads_in_place(oracle_case, command_buffers):
   model, prompt, want, ref, oracle, lru = oracle_case
   engine = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle,
-                         plan_copies=False)
+                         plan_copies=False, command_buffers=command_buffers)
   tokens, stats = engine.generate(prompt, 8)
   np.testing.assert_array_equal(tokens, want)
   np.testing.assert_array_equal(stats.logits, ref.logits)
