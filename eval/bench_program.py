@@ -17,7 +17,8 @@ v2 resident run. `hybrid` runs with host compute forced
 on (v2 only), so it measures the host path whatever `auto` would choose.
 Random-weight models may repeat one token, which flatters caches: the distinct-token share of each
 continuation is reported beside it. `learned` needs --predictor, a predictor directory trained on traces
-of the same preset's model (`train.collect_traces --preset P`; v2 needs `train_predictor --lead 2`).
+of the same preset's model (`train.collect_traces --preset P`; on v2 a lead-0 predictor plans inside the
+step, in place, and `train_predictor --lead 2` plans on the host, which can copy ahead).
 Writes OUT/results.json and OUT/table.md; prints the table.
 """
 

@@ -243,9 +243,9 @@ def stage_plan_predictor(s: RunSettings, traces_dir: Path, family: str, out: Pat
 def program_runs(cfg, cache_bytes: int, expert_bytes: int, prompt_len: int, predictor=None) -> set[str]:
   """The strategies engine v2 runs at this budget: those it supports, when one layer of the longest
   prompt fits its cache (else the per-layer engine streams the prompt through the cache); `learned`
-  only with a `predictor` of v2's plan lead."""
+  only with a `predictor` of a lead v2 plans with (0: in the step; `program.PLAN_LEAD`: on the host)."""
   fits = slot_count(cache_bytes, expert_bytes, cfg.top_k) >= min(prompt_len * cfg.top_k, cfg.n_experts)
-  lead_ok = getattr(predictor, "lead", 0) == program.PLAN_LEAD
+  lead_ok = predictor is not None and getattr(predictor, "lead", 0) in (0, program.PLAN_LEAD)
   return {name for name in program.SUPPORTED
           if (fits or name == "resident") and (name != "learned" or lead_ok)}
 
@@ -306,8 +306,9 @@ def teacher_forced_nll(engine: OffloadEngine, seq: np.ndarray) -> float:
 def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, log=print,
                      on_progress=lambda part: None, plan_predictor=None) -> dict[str, Any]:
   """Every strategy on held-out prompts: timings, bytes, hits, stalls, exactness, perplexity.
-  `learned` runs with `plan_predictor` (lead `program.PLAN_LEAD`) on engine v2 where v2 runs it,
-  else with `predictor` (lead 0) on the per-layer engine.
+  `learned` runs on the per-layer engine with `predictor` (lead 0); on engine v2, where v2 runs it,
+  with the same `predictor` planning inside the step when plans only evict (`plan_copies`), else with
+  `plan_predictor` (lead `program.PLAN_LEAD`) planning on the host, which copies ahead.
 
   `on_progress` gets {"strategies": rows, "noisy_oracle_sweep": points} after each strategy and sweep
   point, so the caller can save what was measured before a later failure."""
@@ -322,7 +323,8 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
   prompts = {p: val[None, :p].astype(np.int32) for p in sorted(set(s.prompt_lengths))}
   ppl_seq = val[None, :min(2 * s.new_tokens, cfg.max_seq_len)].astype(np.int32)
   engines: dict[str, Any] = {}
-  v2 = program_runs(cfg, cache_bytes, store.expert_bytes, max(prompts), plan_predictor)
+  v2_predictor = plan_predictor if program.copies_planned(s.plan_copies, store.expert_bytes) else predictor
+  v2 = program_runs(cfg, cache_bytes, store.expert_bytes, max(prompts), v2_predictor)
 
   def engine(name, **kw):
     """Engine v2 (one program per step) for the strategies it runs, else the per-layer engine."""
@@ -331,7 +333,7 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
       return (program.ProgramEngine(model, strategy="resident", store=store,
                                     command_buffers=s.command_buffers) if on_v2 else
               OffloadEngine(model, strategy="resident", store=store, **kw))
-    strategy = strategies_lib.make(name, n_experts=cfg.n_experts, predictor=plan_predictor if on_v2 else predictor,
+    strategy = strategies_lib.make(name, n_experts=cfg.n_experts, predictor=v2_predictor if on_v2 else predictor,
                                    **kw)
     if on_v2:
       return program.ProgramEngine(model, cache_bytes=cache_bytes, strategy=strategy, store=store,

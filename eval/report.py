@@ -139,9 +139,11 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
   out += ["## 1. Which predictor is the most efficient?", "", predictor_table(results), "", cost_note, "",
           f"The engine's `learned` strategy uses the best token-driven family on validation recall@k: "
           f"`{results['learned_family']}`"
-          + (f"; on engine v2 the same family trained to score the token {results['plan_lead']} positions ahead "
-             f"(`{results['plan_predictor']}`: v2 plans a step while the two before it are still queued, "
-             f"so its plan cannot read their tokens)" if results.get("plan_predictor") else "")
+          + (f"; on engine v2 where plans only evict (misses read in place) it plans inside each step from "
+             f"the token the step chose, and where plans are copied ahead the host plans with the same "
+             f"family trained to score the token {results['plan_lead']} positions ahead "
+             f"(`{results['plan_predictor']}`: the host plans a step while the two before it are still "
+             f"queued, so its plan cannot read their tokens)" if results.get("plan_predictor") else "")
           + f". `cross_layer` and `next_gate` need the hidden state entering a "
           f"layer, so they can only look a few layers ahead; token-driven families predict every layer "
           f"before the step's compute is dispatched, which is what lets copies overlap compute.", ""]

@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help=f"JSON overrides of the family's sizes; defaults: {json.dumps(DEFAULT_HPARAMS)}")
   p.add_argument("--lead", type=cli.int_at_least(0), default=None,
                  help="token families: predict the routing of the token this many positions after the last "
-                      "one read (default 0: the scored tokens' own); ProgramEngine's learned strategy needs 2")
+                      "one read (default 0: the scored tokens' own; ProgramEngine plans with it inside the "
+                      "step); 2: ProgramEngine's host plans, which can copy experts ahead")
   p.add_argument("--steps", type=cli.positive_int, default=2000, help="optimizer steps (the schedule's length)")
   p.add_argument("--batch-tokens", type=cli.positive_int, default=4096, help="tokens per step")
   p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="peak learning rate")

@@ -5,9 +5,11 @@ read straight from pinned host memory into slots the eviction policy frees (`dev
 dispatches step s+1 before it reads step s's token, routing and counts, so the device never waits for
 it. Plans for step s+1 (`oracle`, `noisy_oracle`: the next step's experts; `learned`: a predictor's
 guess) are copied to the device before step s is dispatched, overlapping it, and admitted by step
-s+1's program before its first layer. The host has then read the tokens up to step s-1's input, two
-positions before step s+1's: `learned` needs a predictor of lead `PLAN_LEAD` (trained to predict the
-routing of the token two after the last one it reads).
+s+1's program before its first layer (`plan_copies`; else they only set the eviction order). The
+host has then read the tokens up to step s-1's input, two positions before step s+1's: a host plan of
+`learned` needs a predictor of lead `PLAN_LEAD` (trained to predict the routing of the token two after
+the last one it reads). With a lead-0 predictor, `learned` plans inside the program instead: step s
+scores the token it chose and sets step s+1's eviction order (`step_plan`), nothing copied ahead.
 `hybrid` decode steps admit nothing: each layer's cached routed experts run on the device and the
 others on the host CPU through a callback inside the same program (`host_experts`), the shares summed.
 The true router decides what is computed: tokens and logits equal the all-resident model's.
@@ -25,7 +27,7 @@ import numpy as np
 
 from jaxmoe.generate import check_prompt, select_token
 from jaxmoe.model import LayerCache, MoELM, init_cache
-from jaxmoe.offload import device_cache, host_experts, strategies
+from jaxmoe.offload import device_cache, host_experts, step_plan, strategies
 from jaxmoe.offload.cache import CopyRecord, empty_pools, slot_count, write_slots
 from jaxmoe.offload.layers import attend_route, embed, last_logits, layer_ffn, split_model
 from jaxmoe.offload.stats import OffloadStats
@@ -48,6 +50,11 @@ COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUST
                    "xla_gpu_graph_min_graph_size": 1}
 
 
+def copies_planned(plan_copies: bool | str, expert_bytes: int) -> bool:
+  """Whether a `plan_copies` setting copies planned experts ahead for experts of this size."""
+  return expert_bytes >= MIN_COPY_BYTES if plan_copies == "auto" else bool(plan_copies)
+
+
 class StepOut(NamedTuple):
   token: jax.Array  # [B, 1] int32 next token: the next step's input as it is (no slicing call)
   kv: tuple  # per-layer LayerCache
@@ -56,16 +63,22 @@ class StepOut(NamedTuple):
   summary: jax.Array  # int32, all the host reads of the step, in one transfer (`_StepRecord.of`)
   pos: jax.Array  # [] tokens in the KV cache after the step
   step: jax.Array  # [] steps run (sampling key)
+  in_step: step_plan.InStepPlan | None  # `learned` planned in the step: the next step's plan
 
 
 def _step(head, structure, layout, policy: str, keep: bool, temperature: float, head_leaves,
           layer_leaves, views, pools, state, kv, tokens, pos, step, key,
-          plan: device_cache.Admission, host: host_experts.Handle | None = None) -> StepOut:
-  """One step over tokens [B, T] at position `pos`: the plan's uses set and its copies admitted, then
-  every layer with its experts served from the cache or host memory (`host`: uncached ones computed on
-  the host, nothing admitted), then the next token."""
+          plan: device_cache.Admission, host: host_experts.Handle | None = None,
+          planner: step_plan.InStepPlanner | None = None, planner_leaves=(),
+          in_step: step_plan.InStepPlan | None = None) -> StepOut:
+  """One step over tokens [B, T] at position `pos`: the plan's uses set and its copies admitted (or
+  `planner`'s plan made by the step before, `in_step`), then every layer with its experts served from
+  the cache or host memory (`host`: uncached ones computed on the host, nothing admitted), then the
+  next token (and `planner`'s plan of the next step)."""
   impl = structure.merge(layer_leaves[0]).moe.cfg.kernel_impl  # the one kernel switch
   state, pools = device_cache.admit_plan(state, pools, plan, layout=layout, policy=policy, impl=impl)
+  if planner is not None:
+    state = planner.uses(state, in_step)
   b, t = tokens.shape
   positions = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (b, t))
   x = embed(head, head_leaves, tokens)
@@ -93,16 +106,20 @@ def _step(head, structure, layout, policy: str, keep: bool, temperature: float, 
     new_kv.append(layer_cache)
   logits = last_logits(head, head_leaves, x)
   token = select_token(logits, temperature, None if temperature == 0.0 else jax.random.fold_in(key, step))
+  in_step = None if planner is None else planner.next(planner_leaves, in_step, tokens, token)
   # logits [B, V] (their f32 bits), token [B], hits [L], misses [L] (routed experts found cached / not
   # cached: read from host memory, or computed there), routed [L, U] distinct routed experts (-1
-  # padded), the cache table [L, E]: one device-to-host transfer a step (each costs the host ~0.1 ms)
+  # padded), the cache table [L, E], (in-step plans) the next step's planned experts [L, E]: one
+  # device-to-host transfer a step (each costs the host ~0.1 ms)
   bits = jax.lax.bitcast_convert_type(logits.astype(jnp.float32), jnp.int32).ravel()
+  planned = [] if in_step is None else [in_step.planned.astype(jnp.int32).ravel()]
   summary = jnp.concatenate([bits, token.astype(jnp.int32), jnp.stack(hits), jnp.stack(misses),
-                             jnp.stack(routed).ravel(), state.table.ravel()])
-  return StepOut(token[:, None], tuple(new_kv), pools, state, summary, pos + t, step + 1)
+                             jnp.stack(routed).ravel(), state.table.ravel(), *planned])
+  return StepOut(token[:, None], tuple(new_kv), pools, state, summary, pos + t, step + 1, in_step)
 
 
-_jit_step = functools.partial(jax.jit, _step, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames="host",
+_jit_step = functools.partial(jax.jit, _step, static_argnums=(0, 1, 2, 3, 4, 5),
+                              static_argnames=("host", "planner"),
                               donate_argnames=("pools", "state", "kv"))
 _STEPS = {False: _jit_step(), True: _jit_step(compiler_options=COMMAND_BUFFERS)}  # by command_buffers
 
@@ -125,17 +142,22 @@ class _StepRecord(NamedTuple):
   misses: np.ndarray  # [L]
   routed: np.ndarray  # [L, U]
   table: np.ndarray  # [L, E]
+  planned: np.ndarray | None  # [L, E] bool: the next step's in-step plan (None: not planned in steps)
 
   @classmethod
-  def of(cls, summary: np.ndarray, batch: int, vocab: int, n_layers: int, n_experts: int) -> "_StepRecord":
-    """Split a step's `StepOut.summary` (layout in `_step`)."""
+  def of(cls, summary: np.ndarray, batch: int, vocab: int, n_layers: int, n_experts: int,
+         in_step: bool) -> "_StepRecord":
+    """Split a step's `StepOut.summary` (layout in `_step`; `in_step`: it ends with a plan)."""
+    le = n_layers * n_experts
     logits = summary[:batch * vocab].view(np.float32).reshape(batch, vocab)
-    rest = summary[batch * vocab:]
+    rest, planned = summary[batch * vocab:], None
+    if in_step:
+      rest, planned = rest[:-le], rest[-le:].reshape(n_layers, n_experts).astype(bool)
     b = batch
     hits, misses = rest[b:b + n_layers], rest[b + n_layers:b + 2 * n_layers]
-    routed, table = rest[b + 2 * n_layers:-n_layers * n_experts], rest[-n_layers * n_experts:]
+    routed, table = rest[b + 2 * n_layers:-le], rest[-le:]
     return cls(rest[:b], logits, hits, misses, routed.reshape(n_layers, -1),
-               table.reshape(n_layers, n_experts))
+               table.reshape(n_layers, n_experts), planned)
 
 
 class _Plan(NamedTuple):
@@ -157,7 +179,8 @@ class ProgramEngine:
   `resident` holds every expert from the start; the other strategies start each request cold after
   `reset_cache`. `plan_copies` (strategies with plans): copy a step's planned experts ahead of it
   (True) or only evict by the plan and read the routed misses in place (False); "auto" copies when
-  an expert is at least `MIN_COPY_BYTES`. A copy overlaps compute through the copy engine, but it
+  an expert is at least `MIN_COPY_BYTES`. `learned` with a lead-0 predictor plans inside each step
+  (never copies); with a lead-`PLAN_LEAD` one, on the host. A copy overlaps compute through the copy engine, but it
   holds the host that dispatches the steps (docs/BENCHMARKS.md, "Engine v2").
   `host_backend` (`hybrid`): the host expert FFN's backend, "torch" / "xla" / "auto" (None:
   `host_experts.DEFAULT_BACKEND`); `host_choice.backend` says which one runs.
@@ -181,16 +204,19 @@ class ProgramEngine:
     if strategy.name not in SUPPORTED:
       raise NotImplementedError(f"strategy {strategy.name!r} runs on OffloadEngine; ProgramEngine "
                                 f"runs {SUPPORTED}")
-    if strategy.name == "learned" and strategy.lead != PLAN_LEAD:
-      raise ValueError(f"ProgramEngine plans step n+1 knowing the tokens up to step n-1's input: learned "
-                       f"needs a predictor of lead {PLAN_LEAD}, got lead {strategy.lead} "
-                       f"(train_predictor --lead {PLAN_LEAD})")
+    in_step = strategy.name == "learned" and strategy.lead == 0
+    if strategy.name == "learned" and strategy.lead not in (0, PLAN_LEAD):
+      raise ValueError(f"ProgramEngine plans learned inside the step (a predictor of lead 0) or on the "
+                       f"host, knowing the tokens up to step n-1's input when it plans step n+1 (lead "
+                       f"{PLAN_LEAD}: train_predictor --lead {PLAN_LEAD}); got lead {strategy.lead}")
+    if in_step and plan_copies is True:
+      raise ValueError(f"a plan made inside the step (a lead-0 predictor) only evicts: copies ahead need "
+                       f"the host's plan, a predictor of lead {PLAN_LEAD}")
     self.strategy = strategy
     self.store = store if store is not None else ExpertStore.from_model(model, device)
     if self.store.cfg != cfg:
       raise ValueError("the expert store was built for another config")
-    self.plan_copies = (self.store.expert_bytes >= MIN_COPY_BYTES if plan_copies == "auto"
-                        else plan_copies)
+    self.plan_copies = not in_step and copies_planned(plan_copies, self.store.expert_bytes)
     self._sharding = device_sharding(device or self.store.device)
     put = lambda tree: jax.device_put(tree, self._sharding)
     self._head, self._head_leaves, self._layer, layer_leaves = split_model(model, put)
@@ -201,6 +227,10 @@ class ProgramEngine:
     elif cache_bytes is None:
       raise ValueError(f"strategy {strategy.name!r} needs cache_bytes (the device expert budget)")
     self.n_slots = slot_count(cache_bytes, self.store.expert_bytes, cfg.top_k)
+    # `learned` with a lead-0 predictor: each step plans the next one on the device (`step_plan`)
+    self._planner = (step_plan.InStepPlanner.of(strategy, self.n_slots, cfg.n_layers, cfg.n_experts)
+                     if in_step else None)
+    self._planner_leaves = put(strategy.predictor.leaves) if in_step else ()
     self._policy = "resident" if strategy.resident else strategy.eviction
     # `hybrid`: whether decode steps compute the experts they find uncached on the host (else they
     # read them into the cache, as `lru`), and the rates measured to decide it
@@ -213,8 +243,9 @@ class ProgramEngine:
     self._state = put(device_cache.empty_state(cfg.n_layers, cfg.n_experts, self.n_slots))
     self._cached = np.full((cfg.n_layers, cfg.n_experts), -1)  # the host's last read of the table
     self._copies: list[CopyRecord] = []  # prefetch copies issued for the request being run
+    self._plan_log: dict[int, list] = {}  # the host's plans of the request being run, by step
     # plans come from strategies that plan whole steps (oracles, learned); the others send no admission
-    self._plans = strategy.name in PLANNED
+    self._plans = strategy.name in PLANNED and self._planner is None
     self._no_plan = device_cache.Admission(put(device_cache.pack_plan(
         device_cache.use_offsets([], cfg.n_layers, cfg.n_experts), _padded([]), _padded([]))), ())
     self._pending: _Plan | None = None  # the plan of the next step to dispatch
@@ -243,7 +274,7 @@ class ProgramEngine:
     stats.ttft_s = ready[0] - stats.start_s
     for n in range(1, max_new_tokens):
       last, out = out, self._run(out.kv, out.token, out.pos, out.step, key, temperature,
-                                 next_step=n + 1)
+                                 next_step=n + 1, in_step=out.in_step)
       if n >= 2:  # step n-1 is read while step n is queued: the device never waits for the host
         steps.append(self._read(last))
         ready.append(time.perf_counter())
@@ -280,7 +311,7 @@ class ProgramEngine:
       raise ValueError(f"the request holds {self._live_len} tokens, the model's max_seq_len")
     # teacher-forced tokens are not the strategy's steps: no plans, misses are read in place
     self._live = self._run(live.kv, jax.device_put(tokens, self._sharding), live.pos, live.step,
-                           jax.random.key(0), 0.0, next_step=None)
+                           jax.random.key(0), 0.0, next_step=None, in_step=live.in_step)
     self._live_len += 1
     return self._read(self._live).logits
 
@@ -290,12 +321,15 @@ class ProgramEngine:
     b, t = prompt.shape
     self._check_budget(b, t)
     self._copies = []
+    self._plan_log = {}  # the host's plans of this request by step (`OffloadStats.plans`)
     kv = tuple(jax.device_put(LayerCache(jnp.zeros_like(c.k), jnp.zeros_like(c.v)), self._sharding)
                for c in init_cache(self.cfg, b).layers)
     pos, step = jax.device_put((np.int32(0), np.int32(0)), self._sharding)
     self._pending = self._issue_plan(0, copy=False)  # a prompt's misses are read in place
+    in_step = (None if self._planner is None else
+               jax.device_put(step_plan.InStepPlan(*self._planner.start(b)), self._sharding))
     return self._run(kv, jax.device_put(prompt, self._sharding), pos, step, key, temperature, next_step,
-                     decoding=False)
+                     in_step, decoding=False)
 
   def _read(self, out: StepOut) -> "_StepRecord":
     """One device-to-host read of a finished step's small outputs (its device arrays are then free)."""
@@ -306,7 +340,7 @@ class ProgramEngine:
     self._clock("wait", t0, t1)
     self._clock("read", t1, time.perf_counter())
     record = _StepRecord.of(summary, out.token.shape[0], self.cfg.vocab_size, self.cfg.n_layers,
-                            self.cfg.n_experts)
+                            self.cfg.n_experts, out.in_step is not None)
     self._cached = record.table
     return record
 
@@ -322,10 +356,11 @@ class ProgramEngine:
 
   # -------------------------------------------------------------- internals
 
-  def _run(self, kv, tokens, pos, step, key, temperature, next_step: int | None,
+  def _run(self, kv, tokens, pos, step, key, temperature, next_step: int | None, in_step,
            decoding: bool = True) -> StepOut:
     """Dispatch one step with the copies issued for it; first issue those of `next_step` (the
     strategy's step numbering: 0 is the prompt; None: no plan), so that they overlap this step.
+    `in_step`: the plan the step before made of this one (`StepOut.in_step`; None without a planner).
     `decoding`: one token after the prompt (`hybrid` computes its uncached experts on the host)."""
     t0 = time.perf_counter()
     plan = self._pending
@@ -336,7 +371,8 @@ class ProgramEngine:
     t1 = time.perf_counter()
     out = self._step(self._head, self._layer, self.store.layout, self._policy, self._keep,
                      float(temperature), self._head_leaves, self._layer_leaves, self._views, self._pools,
-                     self._state, kv, tokens, pos, step, key, admission, host=host)
+                     self._state, kv, tokens, pos, step, key, admission, host=host, planner=self._planner,
+                     planner_leaves=self._planner_leaves, in_step=in_step)
     self._pools, self._state = out.pools, out.state
     self._clock("plan", t0, t1)
     self._clock("dispatch", t1, time.perf_counter())
@@ -359,6 +395,7 @@ class ProgramEngine:
     if not self._plans or (self.strategy.name == "learned" and history is None):
       return None
     experts = self.strategy.plan_step(history, 1, step, self.n_slots, cfg.n_layers) or []
+    self._plan_log[step] = experts
     keys = [(layer, e) for layer, ids in enumerate(experts) for e in ids][:self.n_slots]
     fills = self._fills(keys, before) if copy else []
     now = time.perf_counter()
@@ -424,6 +461,11 @@ class ProgramEngine:
     stats.hits = np.sum([s.hits for s in steps], axis=0).astype(int).tolist()
     stats.misses = np.sum([s.misses for s in steps], axis=0).astype(int).tolist()
     stats.routing = [[sorted(int(e) for e in ids if e >= 0) for ids in s.routed] for s in steps]
+    if self._planner is not None:  # step n's record holds its plan of step n + 1
+      made = [None] + [s.planned for s in steps[:-1]]
+      stats.plans = [[] if m is None else [np.flatnonzero(row).tolist() for row in m] for m in made]
+    else:
+      stats.plans = [list(self._plan_log.get(n, [])) for n in range(len(steps))]
     on_host = [self._host is not None and n > 0 for n in range(len(steps))]  # decode steps of `hybrid`
     stats.step_read_bytes = [0 if host else int(np.sum(s.misses)) * self.store.expert_bytes
                              for s, host in zip(steps, on_host)]

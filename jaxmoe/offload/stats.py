@@ -31,6 +31,8 @@ class OffloadStats:
   decode_misses: str = "device"  # where decode steps' misses ran: "device" (brought over) or "host"
   host_experts: int = 0  # routed experts computed on the host CPU (`hybrid`), all steps and layers
   routing: list[list[list[int]]] = dataclasses.field(default_factory=list)  # [step][layer] experts
+  # ProgramEngine: [step][layer] experts its plan named for that step (empty: no plan)
+  plans: list[list[list[int]]] = dataclasses.field(default_factory=list)
   redone: int = 0  # steps redone from a speculated layer that lacked a routed expert
   speculated: int = 0  # layers computed on the plan before their routing was read (and found right)
   logits: np.ndarray | None = None  # [B, N, V] f32 of the generated tokens

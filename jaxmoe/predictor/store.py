@@ -103,6 +103,15 @@ class TokenPredictor:
 
     self._probs = jax.jit(probs, static_argnums=2)
 
+  @property
+  def leaves(self) -> tuple:
+    """The model's flat weights on the default device (`traced_probs`' first argument)."""
+    return self._leaves
+
+  def traced_probs(self, leaves, tokens: jax.Array, n_out: int) -> jax.Array:
+    """Inside a traced function (a compiled step): `probs` with the weights `leaves` passed in."""
+    return self._probs(leaves, tokens, n_out)
+
   def probs(self, tokens, n_out: int | None = None) -> jax.Array:
     """Calibrated probabilities of whole padded sequences: tokens [B, S] -> [B, n_out or S, L, E]."""
     tokens = jnp.asarray(tokens, jnp.int32)

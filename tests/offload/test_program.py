@@ -13,6 +13,8 @@ from jaxmoe.offload import OffloadEngine, device_cache, host_experts, strategies
 from jaxmoe.offload.hostview import device_view
 from jaxmoe.offload.program import MIN_COPY_BYTES, PLAN_LEAD, SUPPORTED, ProgramEngine
 from jaxmoe.offload.store import expert_layout, host_sharding
+from jaxmoe.predictor import models
+from jaxmoe.predictor.store import TokenPredictor
 from tests.offload.reference_runs import NEW_TOKENS, PROMPT_LEN, VARIANTS, TablePredictor, build_reference
 
 
@@ -181,10 +183,47 @@ def test_a_perfect_learned_plan_reads_nothing_after_the_prompt(oracle_case):
 
 def test_learned_needs_a_predictor_of_the_engines_lead(swiglu_reference):
   ref = swiglu_reference
-  for lead, engine in ((0, ProgramEngine), (PLAN_LEAD, OffloadEngine)):
+  for lead, engine in ((1, ProgramEngine), (PLAN_LEAD, OffloadEngine)):
     table = TablePredictor(ref.routing, PROMPT_LEN, ref.cfg.n_layers, ref.cfg.n_experts, lead=lead)
     with pytest.raises(ValueError, match=f"lead {lead}"):
       engine(ref.model, cache_bytes=10**9, strategy="learned", predictor=table)
+  # lead 0 is planned inside the step: by a token model the step can run, and with nothing copied ahead
+  table = TablePredictor(ref.routing, PROMPT_LEN, ref.cfg.n_layers, ref.cfg.n_experts, lead=0)
+  with pytest.raises(ValueError, match="token predictor of lead 0"):
+    ProgramEngine(ref.model, cache_bytes=10**9, strategy="learned", predictor=table)
+  with pytest.raises(ValueError, match="only evicts"):
+    ProgramEngine(ref.model, cache_bytes=10**9, strategy="learned", predictor=_token_model(ref.cfg),
+                  plan_copies=True)
+
+
+def _token_model(cfg, family="context", seed=0):
+  """A lead-0 token predictor with random weights (its plans are wrong, but the engine stays exact)."""
+  hparams = ({"embed_dim": 16, "hidden": 32, "window": 6, "conv_width": 3, "n_heads": 2}
+             if family == "context" else {"embed_dim": 8, "hidden": 16, "n_prev": 2})
+  meta = {"vocab_size": cfg.vocab_size, "n_layers": cfg.n_layers, "n_experts": cfg.n_experts}
+  return TokenPredictor(models.build(family, meta, hparams, seed=seed))
+
+
+@pytest.mark.parametrize("family", ["context", "token_mlp"])
+def test_a_plan_made_in_the_step_is_the_hosts_plan_from_the_steps_own_token(swiglu_reference, family):
+  """Each step plans the next one on the device from the token it chose: the experts equal what
+  `Learned.plan_step` picks on the host from every token up to that next step's input (lead 0), the
+  tokens and logits the reference's, nothing copied ahead."""
+  ref = swiglu_reference
+  cfg = ref.cfg
+  learned = strategies.make("learned", n_experts=cfg.n_experts, predictor=_token_model(cfg, family))
+  engine = ProgramEngine(ref.model, cache_bytes=cfg.n_experts * cfg.expert_bytes, strategy=learned)
+  assert engine.plan_copies is False
+  for _ in range(2):
+    tokens, stats = engine.generate(ref.prompt, NEW_TOKENS)
+    np.testing.assert_array_equal(tokens, ref.out.tokens)
+    np.testing.assert_array_equal(stats.logits, ref.out.logits)
+    assert not stats.copies and stats.plans[0] == []
+    for n in range(1, NEW_TOKENS):  # decode step n's input sits at PROMPT_LEN + n - 1
+      host = learned.plan_step(tokens[:, :PROMPT_LEN + n], 1, n, engine.n_slots, cfg.n_layers)
+      assert stats.plans[n] == [sorted(ids) for ids in host], n
+    assert any(any(ids) for ids in stats.plans[1])
+    engine.reset_cache()
 
 
 def test_sampling_matches_the_reference(swiglu_reference):
