@@ -48,11 +48,13 @@ def test_trace_sees_host_to_device_copies(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy, command_buffers", [("on_demand", False), ("lru", False), ("oracle", False),
-                                                       ("resident", True), ("lru", True), ("oracle", True)])
+                                                       ("learned", False), ("resident", True), ("lru", True),
+                                                       ("oracle", True), ("learned", True)])
 def test_program_engine_in_bf16_equals_its_resident_run(strategy, command_buffers):
   """Experts read across PCIe from the store's device views give the bits they give from HBM; steps
   compiled with `COMMAND_BUFFERS` (the Pallas custom calls inside CUDA graphs) too. The oracle copies
-  its plans ahead; the reference is the resident run compiled without command buffers."""
+  its plans ahead, `learned` (a lead-0 token model with random weights) plans inside the step; the
+  reference is the resident run compiled without command buffers."""
   from jaxmoe.offload import strategies
   from jaxmoe.offload.program import ProgramEngine
   cfg = dataclasses.replace(config.gpu(), n_layers=4, param_dtype="bfloat16")
@@ -60,11 +62,18 @@ def test_program_engine_in_bf16_equals_its_resident_run(strategy, command_buffer
   prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 16))
   resident = ProgramEngine(model, strategy="resident")
   want, ref = resident.generate(prompt, 8)
+  copies = strategy != "learned"  # a plan made in the step only evicts
   if strategy == "oracle":
     strategy = strategies.make("oracle", n_experts=cfg.n_experts, routing=ref.routing)
+  if strategy == "learned":
+    from jaxmoe.predictor import models
+    from jaxmoe.predictor.store import TokenPredictor
+    token_model = models.build("context", {"vocab_size": cfg.vocab_size, "n_layers": cfg.n_layers,
+                                           "n_experts": cfg.n_experts}, {}, seed=0)
+    strategy = strategies.make("learned", n_experts=cfg.n_experts, predictor=TokenPredictor(token_model))
   budget = None if strategy == "resident" else cfg.n_experts * cfg.expert_bytes
   engine = ProgramEngine(model, cache_bytes=budget, strategy=strategy, store=resident.store,
-                         plan_copies=True, command_buffers=command_buffers)
+                         plan_copies=copies, command_buffers=command_buffers)
   for _ in range(2):  # the second request runs the compiled (and recorded) steps again
     tokens, stats = engine.generate(prompt, 8)
     np.testing.assert_array_equal(tokens, want)
