@@ -389,7 +389,8 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
     row = {**first, "engine": "v2" if name in v2 else "v1", "ttft_s_by_prompt": {r["prompt_len"]: r["ttft_s"] for r in per_prompt},
            "tokens_equal": all(r["tokens_equal"] for r in per_prompt),
            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in per_prompt),
-           "by_prompt": per_prompt, "timeline": timeline, "step_starts_s": step_starts}
+           "by_prompt": per_prompt, "timeline": timeline, "step_starts_s": step_starts,
+           "plans_in_step": bool(getattr(engines[name], "plans_in_step", False))}
     nll = teacher_forced_nll(engines[name], ppl_seq) if name in ("resident", "on_demand", "learned") else None
     row["perplexity"] = None if nll is None else math.exp(nll)
     rows.append(row)
@@ -484,10 +485,13 @@ def targets(rows: dict[str, dict]) -> list[dict[str, Any]]:
     out.append({"target": "learned per-token latency within 1.3x of oracle", "value": f"{v:.2f}x",
                 "met": v <= 1.3})
   plan = (rows.get("learned", {}).get("host_split_s") or {}).get("plan")
-  if plan is not None and rows["learned"]["tpot_s"]:  # engine v2 times the host's planning of a step
+  cost = "learned's planning a decode step (predictor call included) < 2 % of the step"
+  if rows.get("learned", {}).get("plans_in_step"):  # the predictor runs in the step's program
+    out.append({"target": cost, "value": "inside the step (the host's clock cannot split it out)",
+                "met": None})
+  elif plan is not None and rows["learned"]["tpot_s"]:  # engine v2 times the host's planning of a step
     v = plan / rows["learned"]["tpot_s"]
-    out.append({"target": "learned's planning a decode step (predictor call included) < 2 % of the step",
-                "value": f"{100 * v:.1f} % ({plan * 1e3:.2f} ms)", "met": v < 0.02})
+    out.append({"target": cost, "value": f"{100 * v:.1f} % ({plan * 1e3:.2f} ms)", "met": v < 0.02})
   offloaded = [r for n, r in rows.items() if n != "resident"]
   if offloaded:
     out.append(_ttft_target("best", offloaded))

@@ -256,6 +256,11 @@ class ProgramEngine:
 
   # -------------------------------------------------------------- public API
 
+  @property
+  def plans_in_step(self) -> bool:
+    """Whether `learned` plans inside each step (a lead-0 predictor) rather than on the host."""
+    return self._planner is not None
+
   def generate(self, tokens, max_new_tokens: int, *, temperature: float = 0.0,
                seed: int = 0) -> tuple[np.ndarray, OffloadStats]:
     """Like `jaxmoe.generate.generate`: -> (tokens [B, T + N], stats with logits [B, N, V])."""

@@ -75,6 +75,8 @@ def test_the_predictor_cost_target_is_learned_planning_time_over_its_step():
                    "value": "2.5 % (0.10 ms)", "met": False}]
   rows["learned"]["host_split_s"]["plan"] = 0.00004
   assert [t["met"] for t in pipeline.targets(rows) if "planning" in t["target"]] == [True]
+  rows["learned"]["plans_in_step"] = True  # its predictor runs in the step: no host time to divide
+  assert [t["met"] for t in pipeline.targets(rows) if "planning" in t["target"]] == [None]
 
 
 def test_a_failure_after_the_strategies_keeps_the_measured_rows(subset_run, tmp_path, monkeypatch):
