@@ -215,12 +215,12 @@ def main(argv=None) -> int:
   p.add_argument("--strategies", default="resident,on_demand,lru,oracle",
                  help="comma-separated (hybrid: host compute forced on, v2 only)")
   p.add_argument("--predictor", help="predictor directory for the learned strategy (train_predictor)")
-  p.add_argument("--plan-copies", type=cli.plan_copies_list, default=("auto",), metavar="MODES",
+  p.add_argument("--plan-copies", type=cli.word_list(cli.PLAN_COPIES), default=("auto",), metavar="MODES",
                  help="v2 strategies with plans (oracle, learned): 'on' copies planned experts ahead of "
                       "their step, 'off' only evicts by the plan and reads routed misses in place "
                       f"(rows marked /inpl), 'auto' copies experts of at least "
                       f"{MIN_COPY_BYTES / 2**20:g} MiB; a list (on,off) runs each (default: auto)")
-  p.add_argument("--command-buffers", type=cli.on_off_list, default=(False,), metavar="MODES",
+  p.add_argument("--command-buffers", type=cli.word_list(cli.ON_OFF), default=(False,), metavar="MODES",
                  help="v2: 'on' compiles each step with XLA command buffers (CUDA graphs, the Pallas "
                       "kernels included: fewer launches by the host; rows marked +cb), 'off' without; "
                       "a list (on,off) runs each (default: off)")

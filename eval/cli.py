@@ -68,29 +68,28 @@ def fraction_list(text: str) -> tuple[float, ...]:
 
 
 PLAN_COPIES = {"on": True, "off": False, "auto": "auto"}  # words -> ProgramEngine's plan_copies
+ON_OFF = {"on": True, "off": False}
 
 
-def plan_copies(text: str):
-  """An argparse type: on / off / auto -> ProgramEngine's plan_copies value."""
-  if text.strip() not in PLAN_COPIES:
-    raise argparse.ArgumentTypeError(f"give on, off or auto; got {text!r}")
-  return PLAN_COPIES[text.strip()]
+def word(values: dict):
+  """An argparse type: one of `values`' words -> its value."""
+  def parse(text: str):
+    if text.strip() not in values:
+      raise argparse.ArgumentTypeError(f"give one of {', '.join(values)}; got {text!r}")
+    return values[text.strip()]
+  return parse
 
 
-def plan_copies_list(text: str) -> tuple:
-  """An argparse type: comma-separated on / off / auto ("on,off") -> distinct plan_copies values."""
-  words = [w for w in text.split(",") if w.strip()]
-  if not words:
-    raise argparse.ArgumentTypeError("give on, off, auto or a list of them (on,off)")
-  return tuple(dict.fromkeys(plan_copies(w) for w in words))
+def word_list(values: dict):
+  """An argparse type: comma-separated words of `values` ("on,off") -> their distinct values, in order."""
+  one = word(values)
 
-
-def on_off_list(text: str) -> tuple[bool, ...]:
-  """An argparse type: comma-separated on / off ("on,off") -> distinct booleans, in order."""
-  words = [w.strip() for w in text.split(",") if w.strip()]
-  if not words or any(w not in ("on", "off") for w in words):
-    raise argparse.ArgumentTypeError(f"give on, off or on,off; got {text!r}")
-  return tuple(dict.fromkeys(w == "on" for w in words))
+  def parse(text: str) -> tuple:
+    words = [w for w in text.split(",") if w.strip()]
+    if not words:
+      raise argparse.ArgumentTypeError(f"give one of {', '.join(values)}, or a comma-separated list of them")
+    return tuple(dict.fromkeys(one(w) for w in words))
+  return parse
 
 
 def model_run_dir(path: str | Path) -> Path:

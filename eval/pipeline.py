@@ -473,8 +473,9 @@ def stage_analytic(res: dict[str, Any], cfg, new_tokens: int) -> None:
 
 def targets(rows: dict[str, dict]) -> list[dict[str, Any]]:
   """The main job's speed targets (per-token latency of `learned` vs `on_demand` and `oracle`, the
-  host's planning of its step against the step; the best time-to-first-token vs its PCIe bound, and the best of the strategies a deployment could run,
-  the oracles left out), each with its measured value and verdict."""
+  host's planning of its step against the step; the best time-to-first-token vs its PCIe bound, and
+  the best of the strategies a deployment could run, the oracles left out), each with its measured
+  value and verdict."""
   out = []
   if {"learned", "on_demand"} <= rows.keys():
     v = rows["on_demand"]["tpot_s"] / rows["learned"]["tpot_s"]

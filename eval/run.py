@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  default=None,
                  help="recalls of the noisy-oracle sweep, comma-separated, or 'none' to skip it (default: "
                       "the preset's, e.g. 0.5,0.7,0.9,1.0 for gpu); it runs when oracle or learned does")
-  p.add_argument("--plan-copies", type=cli.plan_copies, default=None, metavar="{on,off,auto}",
+  p.add_argument("--plan-copies", type=cli.word(cli.PLAN_COPIES), default=None, metavar="{on,off,auto}",
                  help="engine v2, strategies with plans (oracle, noisy_oracle, learned): 'on' copies planned "
                       "experts ahead of their step, 'off' only evicts by the plan and reads routed misses "
                       "in place, 'auto' copies experts of at least "

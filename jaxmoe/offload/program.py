@@ -153,10 +153,10 @@ class _StepRecord(NamedTuple):
     rest, planned = summary[batch * vocab:], None
     if in_step:
       rest, planned = rest[:-le], rest[-le:].reshape(n_layers, n_experts).astype(bool)
-    b = batch
-    hits, misses = rest[b:b + n_layers], rest[b + n_layers:b + 2 * n_layers]
-    routed, table = rest[b + 2 * n_layers:-le], rest[-le:]
-    return cls(rest[:b], logits, hits, misses, routed.reshape(n_layers, -1),
+    token, rest = rest[:batch], rest[batch:]
+    hits, misses = rest[:n_layers], rest[n_layers:2 * n_layers]
+    routed, table = rest[2 * n_layers:-le], rest[-le:]
+    return cls(token, logits, hits, misses, routed.reshape(n_layers, -1),
                table.reshape(n_layers, n_experts), planned)
 
 
@@ -179,9 +179,9 @@ class ProgramEngine:
   `resident` holds every expert from the start; the other strategies start each request cold after
   `reset_cache`. `plan_copies` (strategies with plans): copy a step's planned experts ahead of it
   (True) or only evict by the plan and read the routed misses in place (False); "auto" copies when
-  an expert is at least `MIN_COPY_BYTES`. `learned` with a lead-0 predictor plans inside each step
-  (never copies); with a lead-`PLAN_LEAD` one, on the host. A copy overlaps compute through the copy engine, but it
-  holds the host that dispatches the steps (docs/BENCHMARKS.md, "Engine v2").
+  an expert is at least `MIN_COPY_BYTES`. A copy overlaps compute through the copy engine, but it
+  holds the host that dispatches the steps (docs/BENCHMARKS.md, "Engine v2"). `learned` with a
+  lead-0 predictor plans inside each step (never copies); with a lead-`PLAN_LEAD` one, on the host.
   `host_backend` (`hybrid`): the host expert FFN's backend, "torch" / "xla" / "auto" (None:
   `host_experts.DEFAULT_BACKEND`); `host_choice.backend` says which one runs.
   `command_buffers`: compile the step with `COMMAND_BUFFERS` (GPU; other backends ignore them)."""
