@@ -164,7 +164,7 @@ def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | N
       from jaxmoe import hf
       cfg, model = hf.from_pretrained(path)
       return cfg, model, None, None
-    cfg, model = _load_for_serving(path)
+    cfg, model = load_for_serving(path)
     summary = path / "summary.json"
     return cfg, model, path if (path / "data").exists() else None, (
         json.loads(summary.read_text()) if summary.exists() else None)
@@ -181,11 +181,11 @@ def stage_model(s: RunSettings, out: Path, model_path: str | None, data: str | N
     settings = dataclasses.replace(train_model.train_settings(s.preset), max_minutes=s.train_minutes,
                                    save_optimizer=False)
     summary = train_model.train_and_evaluate(config_lib.preset(s.preset), run_dir, settings, data=data, log=log)
-  cfg, model = _load_for_serving(run_dir)
+  cfg, model = load_for_serving(run_dir)
   return cfg, model, run_dir, summary
 
 
-def _load_for_serving(path: Path):
+def load_for_serving(path: Path):
   """Load a trained model in its compute dtype: experts cross PCIe at the width the kernels read them
   (bf16 on the GPU), not in the f32 the optimizer kept."""
   return checkpoint.load_model(path, param_dtype=checkpoint.load_config(path).dtype)

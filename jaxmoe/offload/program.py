@@ -432,6 +432,8 @@ class ProgramEngine:
       return self._no_plan
     later = [then.experts, *self.strategy.future(then.step)] if then is not None else \
         list(self.strategy.future(plan.step))
+    if self.strategy.horizon is not None:
+      later = later[:self.strategy.horizon]
     offsets = device_cache.use_offsets([plan.experts] + later, self.cfg.n_layers, self.cfg.n_experts)
     return device_cache.Admission(device_cache.pack_plan(offsets, plan.touch, plan.fill), plan.buffers)
 

@@ -47,6 +47,9 @@ class Strategy:
   speculative = False  # plans whole steps: the engine may compute a layer before reading its routing
   plan_covers_routing = False  # the step's plan always holds every expert the router will choose
   host_compute: str | None = None  # `hybrid`: where decode misses run (HOST_COMPUTE)
+  # `predicted` eviction looks at most this many steps past the one it serves (None: at every plan the
+  # engine holds: ProgramEngine's of the next step, and `future`)
+  horizon: int | None = None
 
   def plan_step(self, history: np.ndarray, n_new: int, step: int, n_slots: int,
                 n_layers: int) -> StepPlan | None:
@@ -129,7 +132,9 @@ class NextGate(Strategy):
 
 class Oracle(Strategy):
   """Replays the routing of an earlier exact run of the same request: a plan that always holds the
-  routed experts (the upper bound a predictor can reach)."""
+  routed experts (the upper bound a predictor can reach). Its eviction knows the `horizon` steps after
+  the one being served (0: that step's routing only; the default, 16, is Belady's MIN for requests
+  of up to 17 tokens)."""
 
   name = "oracle"
   eviction = "predicted"
@@ -137,8 +142,10 @@ class Oracle(Strategy):
   plan_covers_routing = True
 
   def __init__(self, routing: RoutingTrace, horizon: int = 16):
+    if int(horizon) != horizon or horizon < 0:
+      raise ValueError(f"horizon must be an integer >= 0 (steps known past the one served), got {horizon}")
     self.routing = [[list(map(int, experts)) for experts in step] for step in routing]
-    self.horizon = horizon
+    self.horizon = int(horizon)
 
   def plan_step(self, history, n_new, step, n_slots, n_layers):
     del history, n_new, n_slots
@@ -157,7 +164,7 @@ class NoisyOracle(Oracle):
   name = "noisy_oracle"
   plan_covers_routing = False
 
-  def __init__(self, routing: RoutingTrace, n_experts: int, recall: float, seed: int = 0):
+  def __init__(self, routing: RoutingTrace, n_experts: int, recall: float, seed: int = 0, horizon: int = 16):
     if not 0.0 <= recall <= 1.0:
       raise ValueError(f"recall must be in [0, 1], got {recall}")
     rng = np.random.default_rng(seed)
@@ -171,7 +178,7 @@ class NoisyOracle(Oracle):
         fill = list(rng.permutation(wrong)[:len(experts) - len(kept)]) if wrong else []
         layers.append([int(e) for e in kept + fill])
       noisy.append(layers)
-    super().__init__(noisy)
+    super().__init__(noisy, horizon)
     self.recall = recall
 
 
@@ -230,10 +237,11 @@ NAMES = ("resident", "on_demand", "lru", "lfu", "hybrid", "stream_all", "next_ga
 
 
 def make(name: str, *, n_experts: int, predictor=None, routing: RoutingTrace | None = None,
-         recall: float = 1.0, seed: int = 0, depth: int = 1, host_compute: str = "auto") -> Strategy:
+         recall: float = 1.0, seed: int = 0, depth: int = 1, host_compute: str = "auto",
+         horizon: int = 16) -> Strategy:
   """The strategy called `name`; `oracle`/`noisy_oracle` need `routing` (e.g. `stats.routing` of an
-  earlier exact run of the same request), `learned` needs `predictor`; `hybrid` takes
-  `host_compute` ("auto" | "always" | "never")."""
+  earlier exact run of the same request) and take `horizon` (steps their eviction knows past the one
+  served), `learned` needs `predictor`; `hybrid` takes `host_compute` ("auto" | "always" | "never")."""
   if name in ("oracle", "noisy_oracle") and routing is None:
     raise ValueError(f"{name} needs `routing` recorded from an earlier run (OffloadStats.routing)")
   if name == "learned" and predictor is None:
@@ -243,8 +251,8 @@ def make(name: str, *, n_experts: int, predictor=None, routing: RoutingTrace | N
       "hybrid": lambda: Hybrid(host_compute),
       "stream_all": lambda: StreamAll(n_experts),
       "next_gate": lambda: NextGate(depth),
-      "oracle": lambda: Oracle(routing),
-      "noisy_oracle": lambda: NoisyOracle(routing, n_experts, recall, seed),
+      "oracle": lambda: Oracle(routing, horizon),
+      "noisy_oracle": lambda: NoisyOracle(routing, n_experts, recall, seed, horizon),
       "learned": lambda: Learned(predictor),
   }
   if name not in builders:

@@ -166,6 +166,22 @@ def test_oracle_without_plan_copies_evicts_by_its_plan_and_reads_in_place(oracle
   assert sum(stats.step_read_bytes[1:]) < sum(lru.step_read_bytes[1:])  # Belady reads fewer
 
 
+def test_the_oracles_horizon_bounds_what_its_eviction_knows(oracle_case):
+  """horizon 0: the plan of the step served only (what a plan made in the step knows); it stays exact
+  and reads no less than Belady's MIN (the full horizon); a negative horizon is refused."""
+  model, prompt, want, ref, _, _ = oracle_case
+  read = {}
+  for horizon in (0, 16):
+    oracle = strategies.make("oracle", n_experts=model.cfg.n_experts, routing=ref.routing, horizon=horizon)
+    engine = ProgramEngine(model, cache_bytes=10 * model.cfg.expert_bytes, strategy=oracle, plan_copies=False)
+    tokens, stats = engine.generate(prompt, 8)
+    np.testing.assert_array_equal(tokens, want)
+    read[horizon] = sum(stats.step_read_bytes[1:])
+  assert read[16] <= read[0]
+  with pytest.raises(ValueError, match="horizon"):
+    strategies.make("noisy_oracle", n_experts=model.cfg.n_experts, routing=ref.routing, horizon=-1)
+
+
 def test_a_perfect_learned_plan_reads_nothing_after_the_prompt(oracle_case):
   """A lead-2 table of the true routing plans each step from tokens two positions back, with the
   cache as the host last read it (two steps old): the step before it must keep what it planned."""
