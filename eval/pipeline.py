@@ -398,12 +398,14 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
 
   p0 = min(prompts)
   sweep = []
+  horizon = sweep_horizon(engines.get("learned"))
   if s.noisy_recalls and any(n in s.strategies for n in program.PLANNED):
     for r in tqdm(s.noisy_recalls, desc="noisy oracle"):
       want = reference_v2.get(p0, reference[p0]) if "noisy_oracle" in v2 else reference[p0]
-      eng = engine("noisy_oracle", routing=routing_of("noisy_oracle", p0), recall=r, seed=0)
+      eng = engine("noisy_oracle", routing=routing_of("noisy_oracle", p0), recall=r, seed=0, horizon=horizon)
       runs = timed_requests(eng, prompts[p0], s.new_tokens, s.repeats)
-      sweep.append({"recall": r, **_request_row("noisy_oracle", runs, want.tokens, want.logits)})
+      sweep.append({"recall": r, "horizon": horizon,
+                    **_request_row("noisy_oracle", runs, want.tokens, want.logits)})
       eng.close()
       on_progress({"strategies": rows, "noisy_oracle_sweep": sweep})
   overlap = None
@@ -421,6 +423,16 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
           "engines": {name: "v2" if name in v2 else "v1" for name in s.strategies},
           # distinct (layer, expert) pairs the shortest prompt's prefill routes: what a cold cache must copy
           "prefill_needed_experts": sum(len(experts) for experts in routing[p0][0])}
+
+
+def sweep_horizon(learned) -> int:
+  """Steps past the one served that the noisy-oracle sweep's eviction knows: what `learned`'s plans know,
+  so that the sweep predicts what its recall is worth. A plan made in the step (engine v2, lead-0
+  predictor) or per step on the per-layer engine knows the step served only (0); the host's lead-2 plan
+  on engine v2 also knows its plan of the next step (1). Without a learned engine: the oracle's."""
+  if learned is None:
+    return strategies_lib.ORACLE_HORIZON
+  return 1 if isinstance(learned, program.ProgramEngine) and not learned.plans_in_step else 0
 
 
 def profile_overlap(eng: OffloadEngine, prompt, new_tokens: int, trace_dir: Path) -> dict[str, Any] | None:

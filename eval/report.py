@@ -189,6 +189,11 @@ def markdown(results: dict[str, Any], pngs: list[str]) -> str:
   out += ["## 3. Accuracy -> speedup", ""]
   sweep = results.get("noisy_oracle_sweep") or []
   if sweep and "on_demand" in rows:
+    horizon = sweep[0].get("horizon")
+    if horizon is not None:
+      out += [f"The noisy oracle's eviction knows the step it serves and {horizon} after it, as `learned`'s "
+              "plan does (the `oracle` row knows every step); `python -m eval.caching_headroom` measures "
+              "bytes by recall and horizon.", ""]
     out += ["| noisy-oracle recall | hit rate | MiB moved | per-token ms | speedup vs on_demand |",
             "|---|---|---|---|---|"]
     for p in sweep:

@@ -130,18 +130,21 @@ class NextGate(Strategy):
     return plan
 
 
+ORACLE_HORIZON = 16  # steps past the one served an oracle's eviction knows by default
+
+
 class Oracle(Strategy):
   """Replays the routing of an earlier exact run of the same request: a plan that always holds the
   routed experts (the upper bound a predictor can reach). Its eviction knows the `horizon` steps after
   the one being served (0: that step's routing only; the default, 16, is Belady's MIN for requests
-  of up to 17 tokens)."""
+  of up to 17 tokens: `ORACLE_HORIZON`)."""
 
   name = "oracle"
   eviction = "predicted"
   speculative = True
   plan_covers_routing = True
 
-  def __init__(self, routing: RoutingTrace, horizon: int = 16):
+  def __init__(self, routing: RoutingTrace, horizon: int = ORACLE_HORIZON):
     if int(horizon) != horizon or horizon < 0:
       raise ValueError(f"horizon must be an integer >= 0 (steps known past the one served), got {horizon}")
     self.routing = [[list(map(int, experts)) for experts in step] for step in routing]
@@ -164,7 +167,8 @@ class NoisyOracle(Oracle):
   name = "noisy_oracle"
   plan_covers_routing = False
 
-  def __init__(self, routing: RoutingTrace, n_experts: int, recall: float, seed: int = 0, horizon: int = 16):
+  def __init__(self, routing: RoutingTrace, n_experts: int, recall: float, seed: int = 0,
+               horizon: int = ORACLE_HORIZON):
     if not 0.0 <= recall <= 1.0:
       raise ValueError(f"recall must be in [0, 1], got {recall}")
     rng = np.random.default_rng(seed)
@@ -238,7 +242,7 @@ NAMES = ("resident", "on_demand", "lru", "lfu", "hybrid", "stream_all", "next_ga
 
 def make(name: str, *, n_experts: int, predictor=None, routing: RoutingTrace | None = None,
          recall: float = 1.0, seed: int = 0, depth: int = 1, host_compute: str = "auto",
-         horizon: int = 16) -> Strategy:
+         horizon: int = ORACLE_HORIZON) -> Strategy:
   """The strategy called `name`; `oracle`/`noisy_oracle` need `routing` (e.g. `stats.routing` of an
   earlier exact run of the same request) and take `horizon` (steps their eviction knows past the one
   served), `learned` needs `predictor`; `hybrid` takes `host_compute` ("auto" | "always" | "never")."""

@@ -39,6 +39,9 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
   assert results["plan_predictor"].startswith(results["learned_family"])
   assert results["reference_logit_diff"] == 0.0  # f32 on the CPU: both engines' resident runs agree
   assert rows["resident"]["bytes_copied"] == 0
+  # the sweep's eviction knows what learned's plan knows: here the step served only (planned in the step)
+  assert rows["learned"]["plans_in_step"]
+  assert {p["horizon"] for p in results["noisy_oracle_sweep"]} == {0}
   assert rows["on_demand"]["hit_rate"] == 0.0  # nothing is kept or prefetched
   assert rows["oracle"]["bytes_wasted"] == 0  # the oracle prefetches only what is routed
   assert [t["target"].split()[0] for t in results["targets"]] == ["learned", "learned", "learned's", "best",
