@@ -38,7 +38,7 @@ from jaxmoe.offload.cache import CopyRecord, ExpertCache, resident_pools, resolv
 from jaxmoe.offload.layers import (Structure, attend_route, embed, expert_rows, finish, last_logits,
                                    layer_ffn, split_model)
 from jaxmoe.offload.prefetch import Prefetcher
-from jaxmoe.offload.stats import OffloadStats
+from jaxmoe.offload.stats import OffloadStats, settle_stalls
 from jaxmoe.offload.store import ExpertStore, device_sharding
 
 
@@ -461,15 +461,8 @@ class OffloadEngine:
     self._count_stalls()
 
   def _count_stalls(self):
-    """Stalls of the layers whose FFN went out with copies in flight, from the copies' arrival time
-    stamps (those not yet stamped are counted on a later call; after `drain` every one is)."""
-    later = []
-    for layer, dispatched, records in self._awaited:
-      if all(r.ready_s is not None for r in records):
-        self.stats.stall_s[layer] += max(0.0, max(r.ready_s for r in records) - dispatched)
-      else:
-        later.append((layer, dispatched, records))
-    self._awaited = later
+    """Stalls of the layers whose FFN went out with copies in flight (`stats.settle_stalls`)."""
+    self._awaited = settle_stalls(self._awaited, self.stats.stall_s)
 
   def _read_resident_routing(self):
     """Routing of the resident model's steps, read once the request (or call) is over, so decoding

@@ -80,3 +80,17 @@ class OffloadStats:
             "n_copies": len(self.copies), "redone": self.redone,
             "speculated": self.speculated, "decode_misses": self.decode_misses,
             "host_experts": self.host_experts, "host_split_s": dict(self.host_split_s)}
+
+
+def settle_stalls(awaited, stall_s: list[float]) -> list:
+  """Adds to stall_s [L] the stalls of the layers whose FFN went out with copies in flight:
+  awaited = [(layer, dispatch time, [CopyRecord])], each stalled from its dispatch until its last copy
+  landed (nothing if all had landed before). -> the entries whose copies are not all time-stamped yet,
+  to settle on a later call (after the copy watcher drains, every one is)."""
+  later = []
+  for layer, dispatched, records in awaited:
+    if all(r.ready_s is not None for r in records):
+      stall_s[layer] += max(0.0, max(r.ready_s for r in records) - dispatched)
+    else:
+      later.append((layer, dispatched, records))
+  return later
