@@ -7,8 +7,10 @@ when the host computes an expert faster than the link brings it over: `choose` m
 
 The weights are read in place, over the store's pinned allocation (no copy), by one of two backends:
 
-- "torch": torch tensors over the same bytes, one expert at a time on its own rows (torch.matmul on
-  torch's own thread pool, `torch.get_num_threads()`: all cores by default). On the H200 machine's
+- "torch": torch tensors over the same bytes, each expert on its own rows (torch.matmul on torch's
+  own threads, `torch.get_num_threads()`: all cores by default). A layer's experts run at once on
+  `expert_workers` worker threads, each with its share of torch's threads (1: one after another, each
+  on all of them, which forks and joins every thread per matrix). On the H200 machine's
   16-core AVX512 host, torch's matmuls read bf16 weights at 63 GB/s (f32: 148 GB/s), against 4-7 GB/s
   for the XLA backend and 37-48 GB/s for PCIe. torch's CPU bf16/f16 matmuls accumulate in f32 but
   round their output to the operands' dtype, so an expert's gate and up projections are rounded to
@@ -30,6 +32,7 @@ backend runs a CPU computation from inside it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import itertools
@@ -156,14 +159,16 @@ class HostExperts:
   """A store's experts as CPU arrays over its pinned memory (no copy), and their FFN on given rows.
 
   One per store and backend (`of`), so that engines on one store share its compiled steps.
-  `backend`: "torch", "xla" or "auto" (None: `DEFAULT_BACKEND`); `self.backend` is the one in use."""
+  `backend`: "torch", "xla" or "auto" (None: `DEFAULT_BACKEND`); `self.backend` is the one in use.
+  `expert_workers` (torch): experts computed at once, at most torch's threads (None: that many)."""
 
-  def __init__(self, store: ExpertStore, backend: str | None = None):
+  def __init__(self, store: ExpertStore, backend: str | None = None, expert_workers: int | None = None):
     self.backend = resolve_backend(backend)
     cfg = store.cfg
     self.activation, self.dtype, self.d_model = cfg.activation, cfg.compute_dtype, cfg.d_model
     self.expert_bytes = store.expert_bytes
-    self.n_layers, self.n_experts = cfg.n_layers, cfg.n_experts
+    self.n_layers, self.n_experts, self.top_k = cfg.n_layers, cfg.n_experts, cfg.top_k
+    self.expert_workers = 1  # the torch backend's experts computed at once (`_init_torch`)
     itemsize = cfg.weight_dtype.itemsize
     row = store.layout[-1].offset + math.prod(store.layout[-1].shape)  # elements of one expert
     self._mats = [[{m.name: hostview.cpu_view(store.pinned(layer), m.shape, cfg.weight_dtype,
@@ -173,11 +178,11 @@ class HostExperts:
     self._cpu = jax.devices("cpu")[0]
     self.threads: int | None = None  # torch's intra-op threads (None: XLA's own pool)
     if self.backend == "torch":
-      self._init_torch()
+      self._init_torch(expert_workers)
     self.handle = Handle(next(_KEYS))
     _LIVE[self.handle.key] = self
 
-  def _init_torch(self):
+  def _init_torch(self, expert_workers: int | None):
     torch = _torch()
     self._tdtype = _torch_dtype(self.dtype)
     # tensors over the same bytes as the CPU arrays, which keep the pinned memory alive
@@ -186,6 +191,9 @@ class HostExperts:
     self._convert = self._tensors[0][0]["w_down"].dtype != self._tdtype  # cast per call, as on the device
     self._by_rows = not _has_fast_reduced_matmul(self._tdtype)
     self.threads = torch.get_num_threads()
+    # experts computed at once, each on its share of the threads (1: one after another on all of them)
+    self.expert_workers = self.threads if expert_workers is None else max(1, min(expert_workers, self.threads))
+    self._workers = None  # their thread pool, made on first use
 
   @classmethod
   def of(cls, store: ExpertStore, backend: str | None = None) -> "HostExperts":
@@ -234,7 +242,10 @@ class HostExperts:
     return torch.matmul(x, w)
 
   def _compute_torch(self, layer: int, h, experts, weights) -> np.ndarray:
-    """`compute` on torch: each routed expert on its own rows, in the order of its id."""
+    """`compute` on torch: each routed expert on its own rows. Several experts run at once, each on a
+    worker thread with its share of torch's threads (`expert_workers`): one expert's matrix-vector
+    products split over every thread fork and join per matrix on under 1 MB a thread. The outputs are
+    summed in the order of the expert ids whichever way they ran."""
     torch = _torch()
     experts, weights = np.asarray(experts), np.asarray(weights, np.float32)
     out = np.zeros(np.shape(h), np.float32)
@@ -242,35 +253,64 @@ class HostExperts:
     if not ids.size:
       return out
     x_all = _to_torch(np.asarray(h)).to(self._tdtype)
+    rows = [np.nonzero(experts == e) for e in ids]  # (rows, slots): a token routes to an expert once
+    workers = min(len(ids), self.expert_workers)
+    if workers > 1:
+      share = max(1, self.threads // workers)
+      groups = [list(range(i, len(ids), workers)) for i in range(workers)]
+      ys = {}
+      for group, done in zip(groups, self._pool().map(
+          lambda group: self._experts_torch(layer, x_all, ids, rows, group, share), groups)):
+        ys.update(zip(group, done))
+      ys = [ys[i] for i in range(len(ids))]
+    else:
+      ys = self._experts_torch(layer, x_all, ids, rows, range(len(ids)), None)
+    for (r, slots), y in zip(rows, ys):
+      # in numpy: torch's CPU index_add_ costs ~25 ms a call, whatever its size
+      out[r] += weights[r, slots][:, None] * y
+    return out
+
+  def _experts_torch(self, layer, x_all, ids, rows, which, threads: int | None) -> list[np.ndarray]:
+    """The outputs [n_rows, D] f32 of experts ids[i] on their rows, i in `which`; `threads`: torch's
+    intra-op threads for this (worker) thread (None: as they are)."""
+    torch = _torch()
+    if threads is not None:
+      torch.set_num_threads(threads)  # per thread: the caller's setting is not touched
+    out = []
     with torch.inference_mode():
-      for e in ids:
-        rows, slots = np.nonzero(experts == e)  # a token routes to an expert at most once
-        m = self._tensors[layer][e]
-        x = x_all[torch.from_numpy(rows)]
+      for i in which:
+        m = self._tensors[layer][ids[i]]
+        x = x_all[torch.from_numpy(rows[i][0])]
         if self.activation == "swiglu":
           gate, up = self._matmul(x, m["w_gate"]), self._matmul(x, m["w_up"])
           a = (torch.nn.functional.silu(gate.float()) * up.float()).to(self._tdtype)
         else:
           a = torch.relu(self._matmul(x, m["w_up"]))
-        y = self._matmul(a, m["w_down"]).float().numpy()
-        # in numpy: torch's CPU index_add_ costs ~25 ms a call, whatever its size
-        out[rows] += weights[rows, slots][:, None] * y
+        out.append(self._matmul(a, m["w_down"]).float().numpy())
     return out
 
-  def bytes_per_s(self, budget_bytes: int = 256 << 20, repeats: int = 3) -> float:
-    """Expert weights per second the host FFN gets through at one row per expert (best of `repeats`
-    passes over distinct experts, up to `budget_bytes` of them: more than a cache holds)."""
-    n = max(1, min(self.n_layers * self.n_experts, budget_bytes // self.expert_bytes))
-    keys = [(i // self.n_experts % self.n_layers, i % self.n_experts) for i in range(n)]
+  def _pool(self):
+    if self._workers is None:
+      self._workers = concurrent.futures.ThreadPoolExecutor(self.expert_workers, "host-expert")
+    return self._workers
+
+  def bytes_per_s(self, budget_bytes: int = 256 << 20, repeats: int = 3, per_call: int | None = None) -> float:
+    """Expert weights per second the host FFN gets through for one token whose `per_call` experts of a
+    layer (None: top_k, a decode layer whose routed experts all missed) are computed in one call (best
+    of `repeats` passes over distinct experts, up to `budget_bytes` of them: more than a cache holds)."""
+    per_call = max(1, min(self.top_k if per_call is None else per_call, self.n_experts))
+    n = max(per_call, min(self.n_layers * self.n_experts, budget_bytes // self.expert_bytes))
+    calls = [(i // self.n_experts % self.n_layers, [(i + j) % self.n_experts for j in range(per_call)])
+             for i in range(0, n - per_call + 1, per_call)]
     h = np.ones((1, self.d_model), self.dtype)
-    weights = np.ones((1, 1), np.float32)
+    weights = np.ones((1, per_call), np.float32)
     best = math.inf
     for _ in range(repeats + 1):  # the first pass compiles and warms up
       start = time.perf_counter()
-      for layer, e in keys:
-        self.compute(layer, h, np.array([[e]]), weights)
+      for layer, ids in calls:
+        self.compute(layer, h, np.array([ids]), weights)
       best = min(best, time.perf_counter() - start)
-    return n * self.expert_bytes / best
+    return len(calls) * per_call * self.expert_bytes / best
 
 
 class HostChoice(NamedTuple):

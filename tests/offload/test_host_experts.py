@@ -108,6 +108,23 @@ def test_torch_and_xla_agree_in_f32(built_references, variant):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@NEEDS_TORCH
+def test_experts_computed_at_once_equal_one_after_another(built_references):
+  """Worker threads, each with its share of torch's threads, compute the same outputs, summed in the
+  same order; the number of workers is clamped to [1, threads]."""
+  reference = build_reference(built_references, "swiglu")
+  store = ExpertStore.from_model(reference.model)
+  serial, parallel = HostExperts(store, "torch", expert_workers=1), HostExperts(store, "torch")
+  assert serial.expert_workers == 1 and parallel.expert_workers == parallel.threads
+  assert HostExperts(store, "torch", expert_workers=10**6).expert_workers == parallel.threads
+  for seed, rows in enumerate((1, 3, 16)):
+    case = _random_case(reference.cfg, rows, seed)
+    got, want = parallel.compute(0, *case), serial.compute(0, *case)
+    assert np.any(got != 0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert parallel.bytes_per_s(budget_bytes=8 * store.expert_bytes, repeats=1) > 0
+
+
 @pytest.mark.parametrize("backend, by_rows", [pytest.param("torch", False, marks=NEEDS_TORCH),
                                               pytest.param("torch", True, marks=NEEDS_TORCH),
                                               ("xla", None)])
