@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import platform
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmoe import checkpoint, config as config_lib, generate as generate_lib
 from jaxmoe.offload import ExpertStore, OffloadEngine, strategies as strategies_lib
-from jaxmoe.offload import program
+from jaxmoe.offload import program, step_plan
 from jaxmoe.offload.cache import slot_count
 from jaxmoe.offload.store import measure_h2d_bandwidth
 from jaxmoe.predictor import data as traces_lib
@@ -391,6 +393,8 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in per_prompt),
            "by_prompt": per_prompt, "timeline": timeline, "step_starts_s": step_starts,
            "plans_in_step": bool(getattr(engines[name], "plans_in_step", False))}
+    if row["plans_in_step"]:  # its predictor runs inside the step: timed on the device alone
+      row["in_step_plan_s"] = in_step_plan_s(engines[name])
     nll = teacher_forced_nll(engines[name], ppl_seq) if name in ("resident", "on_demand", "learned") else None
     row["perplexity"] = None if nll is None else math.exp(nll)
     rows.append(row)
@@ -423,6 +427,32 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
           "engines": {name: "v2" if name in v2 else "v1" for name in s.strategies},
           # distinct (layer, expert) pairs the shortest prompt's prefill routes: what a cold cache must copy
           "prefill_needed_experts": sum(len(experts) for experts in routing[p0][0])}
+
+
+def in_step_plan_s(engine: program.ProgramEngine, reps: int = 64) -> float:
+  """Device seconds a step spends planning the next one inside its program (`learned` with a lead-0
+  predictor; the host's clock cannot see it): the engine's planner run `reps` times in one compiled
+  loop, each plan feeding the next, less a one-pass loop (dispatch and read), per pass."""
+  planner, leaves = engine.planner, engine.planner_leaves
+  recent, planned = planner.start(1)
+  start = jax.device_put(step_plan.InStepPlan(recent, planned), jax.tree.leaves(leaves)[0].sharding)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def loop(n, leaves, plan):
+    body = lambda i, plan: planner.next(leaves, plan, tokens, plan.recent[:, -1] + 1)
+    return jax.lax.fori_loop(0, n, body, plan)
+
+  def timed(n):
+    jax.block_until_ready(loop(n, leaves, start))  # compile
+    best = math.inf
+    for _ in range(3):
+      t0 = time.perf_counter()
+      jax.block_until_ready(loop(n, leaves, start))
+      best = min(best, time.perf_counter() - t0)
+    return best
+
+  return max(0.0, (timed(reps + 1) - timed(1)) / reps)
 
 
 def sweep_horizon(learned) -> int:
@@ -500,8 +530,10 @@ def targets(rows: dict[str, dict]) -> list[dict[str, Any]]:
   plan = (rows.get("learned", {}).get("host_split_s") or {}).get("plan")
   cost = "learned's planning a decode step (predictor call included) < 2 % of the step"
   if rows.get("learned", {}).get("plans_in_step"):  # the predictor runs in the step's program
-    out.append({"target": cost, "value": "inside the step (the host's clock cannot split it out)",
-                "met": None})
+    in_step, tpot = rows["learned"].get("in_step_plan_s"), rows["learned"]["tpot_s"]
+    v = in_step / tpot if in_step is not None and tpot else None
+    out.append({"target": cost, "met": None if v is None else v < 0.02,
+                "value": "-" if v is None else f"{100 * v:.1f} % ({in_step * 1e6:.0f} us of device time in the step)"})
   elif plan is not None and rows["learned"]["tpot_s"]:  # engine v2 times the host's planning of a step
     v = plan / rows["learned"]["tpot_s"]
     out.append({"target": cost, "value": f"{100 * v:.1f} % ({plan * 1e3:.2f} ms)", "met": v < 0.02})

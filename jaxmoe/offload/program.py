@@ -261,6 +261,15 @@ class ProgramEngine:
     """Whether `learned` plans inside each step (a lead-0 predictor) rather than on the host."""
     return self._planner is not None
 
+  @property
+  def planner(self) -> step_plan.InStepPlanner | None:
+    """`learned`'s planner inside the step, with its device weights (None: no plan made in the step)."""
+    return self._planner
+
+  @property
+  def planner_leaves(self) -> tuple:
+    return self._planner_leaves
+
   def generate(self, tokens, max_new_tokens: int, *, temperature: float = 0.0,
                seed: int = 0) -> tuple[np.ndarray, OffloadStats]:
     """Like `jaxmoe.generate.generate`: -> (tokens [B, T + N], stats with logits [B, N, V])."""

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from eval import pipeline, report
+from jaxmoe import config
 
 FAST = dataclasses.replace(pipeline.RUN_PRESETS["tiny"], train_minutes=0.05, trace_tokens=512, trace_seq_len=32,
                            predictor_steps=4, prompt_lengths=(8,), new_tokens=3, noisy_recalls=(1.0,),
@@ -77,6 +78,23 @@ def test_the_predictor_cost_target_is_learned_planning_time_over_its_step():
   assert [t["met"] for t in pipeline.targets(rows) if "planning" in t["target"]] == [True]
   rows["learned"]["plans_in_step"] = True  # its predictor runs in the step: no host time to divide
   assert [t["met"] for t in pipeline.targets(rows) if "planning" in t["target"]] == [None]
+  rows["learned"]["in_step_plan_s"] = 0.00012  # its device time, timed alone: 3 % of the step
+  assert [(t["value"], t["met"]) for t in pipeline.targets(rows) if "planning" in t["target"]] == [
+      ("3.0 % (120 us of device time in the step)", False)]
+
+
+def test_the_in_step_plan_is_timed_on_the_device(tmp_path):
+  from jaxmoe import model as model_lib
+  from jaxmoe.predictor import models
+  from jaxmoe.predictor.store import TokenPredictor
+  cfg = config.tiny()
+  token_model = models.build("context", {"vocab_size": cfg.vocab_size, "n_layers": cfg.n_layers,
+                                         "n_experts": cfg.n_experts}, {}, seed=0)
+  strategy = pipeline.strategies_lib.make("learned", n_experts=cfg.n_experts, predictor=TokenPredictor(token_model))
+  engine = pipeline.program.ProgramEngine(model_lib.create(cfg, seed=0), cache_bytes=8 * cfg.expert_bytes,
+                                          strategy=strategy)
+  assert engine.plans_in_step and engine.planner is not None
+  assert 0.0 <= pipeline.in_step_plan_s(engine, reps=8) < 0.1
 
 
 def test_a_failure_after_the_strategies_keeps_the_measured_rows(subset_run, tmp_path, monkeypatch):

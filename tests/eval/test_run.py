@@ -42,6 +42,8 @@ def test_main_job_tiny_end_to_end(tmp_path, corpus):
   # the sweep's eviction knows what learned's plan knows: here the step served only (planned in the step)
   assert rows["learned"]["plans_in_step"]
   assert {p["horizon"] for p in results["noisy_oracle_sweep"]} == {0}
+  assert rows["learned"]["in_step_plan_s"] >= 0  # its predictor's device time, timed alone
+  assert [t["met"] is not None for t in results["targets"] if "planning" in t["target"]] == [True]
   assert rows["on_demand"]["hit_rate"] == 0.0  # nothing is kept or prefetched
   assert rows["oracle"]["bytes_wasted"] == 0  # the oracle prefetches only what is routed
   assert [t["target"].split()[0] for t in results["targets"]] == ["learned", "learned", "learned's", "best",
