@@ -84,6 +84,9 @@ RUN_PRESETS = {
     "gpu": RunSettings("gpu", train_minutes=2.5, trace_tokens=131072, trace_seq_len=256,
                        predictor_steps=1000, predictor_loss="bce", prompt_lengths=(16, 256), new_tokens=16,
                        noisy_recalls=(0.5, 0.7, 0.9, 1.0)),
+    "gpu_fine": RunSettings("gpu_fine", train_minutes=4.0, trace_tokens=131072, trace_seq_len=256,
+                            predictor_steps=1000, predictor_loss="bce", prompt_lengths=(16, 256), new_tokens=16,
+                            noisy_recalls=(0.5, 0.7, 0.9, 1.0)),
 }
 
 

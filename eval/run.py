@@ -27,8 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "an earlier main job's output directory, its model/ inside), an Orbax checkpoint "
                       "directory, or a Hugging Face checkpoint directory")
   p.add_argument("--data", default=None,
-                 help="training text for the model: a directory or file (.txt .md .rst .py .jsonl) or a saved "
-                      "datasets directory (default: this Python's standard library source)")
+                 help="training text for the model: a directory or file (.txt .md .rst .py .jsonl), a saved "
+                      "datasets directory, or 'python' (the stdlib and every installed package's sources; "
+                      "default: the preset's: python for gpu_fine, else this Python's standard library)")
   p.add_argument("--cache-fraction", type=cli.fraction, default=None,
                  help="device expert cache as a fraction of all experts' bytes (default 0.25)")
   p.add_argument("--strategies", default=None,
@@ -66,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        command_buffers=None if a.command_buffers is None else
                                        a.command_buffers == "on",
                                        profile=not a.no_trace)
-    if a.data and not a.model:  # read once now: a bad corpus is refused before training, not after
-      from train import data as data_lib
+    from train import data as data_lib
+    if a.data and a.data != data_lib.PYTHON and not a.model:  # a bad corpus is refused before training
       data_lib.load_documents(a.data)
     pipeline.check_fits(a.settings, pipeline.planned_config(a.settings.preset, a.model))
   except (OSError, ValueError, ImportError) as e:

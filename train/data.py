@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import site
 import sysconfig
 import zlib
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
 EOS = "<|endoftext|>"
 STDLIB = "stdlib"
+PYTHON = "python"  # `data` keyword: the stdlib and every installed package's Python sources
 _CONTROL = [chr(i) for i in range(32) if chr(i) not in "\t\n\r\f\v"] + ["\x7f"]
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", ".git", ".hg", ".svn"}
 
@@ -49,6 +51,9 @@ def load_documents(data: str | os.PathLike | None = None) -> tuple[str, list[Doc
   if data is None:
     root = Path(sysconfig.get_paths()["stdlib"])
     return f"{STDLIB}:{root}", _read_dir(root, (".py",))
+  if str(data) == PYTHON:
+    roots = python_source_roots()
+    return f"{PYTHON}:{','.join(map(str, roots))}", read_roots(roots, (".py",))
   path = Path(data).expanduser()
   if not path.exists():
     raise FileNotFoundError(f"--data {data!s}: no such file or directory")
@@ -68,14 +73,44 @@ def load_documents(data: str | os.PathLike | None = None) -> tuple[str, list[Doc
   return f"path:{path.absolute()}", docs
 
 
-def _read_dir(root: Path, suffixes: tuple[str, ...]) -> list[Document]:
+def _read_dir(root: Path, suffixes: tuple[str, ...], skip: set | None = None) -> list[Document]:
+  """Text files under `root` (package directories nested in it left out); `skip`: resolved paths
+  already read, extended with these."""
   docs = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
     for f in sorted(filenames):
       p = Path(dirpath) / f
       if p.suffix in suffixes:
+        if skip is not None:
+          real = p.resolve()
+          if real in skip:
+            continue
+          skip.add(real)
         docs.extend(_read_file(p, p.relative_to(root).as_posix()))
+  return docs
+
+
+def python_source_roots() -> list[Path]:
+  """This Python's stdlib and its package directories (site-packages / dist-packages), existing ones,
+  each once, outermost first."""
+  paths = sysconfig.get_paths()
+  candidates = [paths["stdlib"], paths["purelib"], paths["platlib"], *site.getsitepackages()]
+  roots = []
+  for c in candidates:
+    root = Path(c).resolve()
+    if root.is_dir() and root not in roots:
+      roots.append(root)
+  return roots
+
+
+def read_roots(roots: list[Path], suffixes: tuple[str, ...]) -> list[Document]:
+  """The text files of several directories, named by root index and relative path (a file reachable
+  from two roots counts once, under the first)."""
+  docs, seen = [], set()
+  for i, root in enumerate(roots):
+    for d in _read_dir(root, suffixes, skip=seen):
+      docs.append(d._replace(name=f"{i}:{d.name}"))
   return docs
 
 
@@ -235,7 +270,7 @@ def prepare_corpus(run_dir: str | os.PathLike, vocab_size: int, data: str | os.P
   """
   run_dir = Path(run_dir)
   data_dir = run_dir / "data"
-  key = {"data": None if data is None else str(Path(data).expanduser().absolute()),
+  key = {"data": None if data is None else data if str(data) == PYTHON else str(Path(data).expanduser().absolute()),
          "vocab_size": vocab_size, "val_fraction": val_fraction, "max_bytes": max_bytes}
   info_path = data_dir / "corpus.json"
   if info_path.is_file() and (run_dir / "tokenizer.json").is_file():

@@ -136,6 +136,12 @@ def test_data_that_is_not_text_is_refused_before_training(name, content, message
   assert "--data" in err and message in err
 
 
+def test_the_fine_grained_preset_trains_on_the_python_sources_unless_told():
+  a = run.parse_args(["--preset", "gpu_fine"])  # the keyword is not read until training
+  assert a.settings.preset == "gpu_fine" and a.data is None
+  assert run.parse_args(["--preset", "gpu_fine", "--data", "python"]).data == "python"
+
+
 def test_a_missing_model_is_refused(tmp_path, capsys):
   with pytest.raises(SystemExit):
     run.parse_args(["--preset", "tiny", "--model", str(tmp_path / "missing")])

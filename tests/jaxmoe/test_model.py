@@ -89,6 +89,14 @@ def test_invalid_configs_raise_clear_errors():
   assert config.MoEConfig.from_dict(base.to_dict()) == base
 
 
+def test_gpu_fine_has_the_gpu_presets_expert_parameters_cut_finer():
+  gpu, fine = config.gpu(), config.preset("gpu_fine")
+  assert fine.n_experts * fine.expert_bytes == gpu.n_experts * gpu.expert_bytes  # the same store
+  assert (fine.n_experts, fine.top_k) == (2 * gpu.n_experts, 4 * gpu.top_k)
+  assert fine.top_k * fine.d_ff == 2 * gpu.top_k * gpu.d_ff  # a token runs 2x the expert FFN
+  assert dataclasses.replace(fine, d_ff=gpu.d_ff, n_experts=gpu.n_experts, top_k=gpu.top_k) == gpu
+
+
 @pytest.mark.gpu
 def test_gpu_preset_forward_and_generate_bf16():
   cfg = config.gpu()

@@ -172,6 +172,24 @@ def test_default_corpus_is_the_standard_library():
   assert not any("site-packages" in d.name or "__pycache__" in d.name for d in docs)
 
 
+def test_the_python_corpus_is_the_stdlib_and_the_package_directories(tmp_path, monkeypatch):
+  """`data="python"`: every root's .py files, each file once (a package directory inside the stdlib,
+  or a root reached twice, is read under its first root only), names unique across roots."""
+  roots = [tmp_path / "lib", tmp_path / "lib" / "site-packages"]
+  (roots[1] / "pkg").mkdir(parents=True)
+  (roots[0] / "os.py").write_text("import sys\n")
+  (roots[1] / "pkg" / "__init__.py").write_text("x = 1\n")
+  (roots[1] / "os.py").write_text("y = 2\n")  # same relative name as the stdlib's
+  (roots[1] / "notes.txt").write_text("not python\n")
+  monkeypatch.setattr(data_lib, "python_source_roots", lambda: roots + [roots[0]])
+  source, docs = data_lib.load_documents(data_lib.PYTHON)
+  assert source.startswith("python:")
+  assert sorted((d.name, d.text) for d in docs) == [("0:os.py", "import sys\n"), ("1:os.py", "y = 2\n"),
+                                                     ("1:pkg/__init__.py", "x = 1\n")]
+  assert all(r.is_dir() for r in data_lib.python_source_roots())  # this Python's, for real
+  assert train_model.train_settings("gpu_fine").corpus == data_lib.PYTHON
+
+
 def test_batch_stream_is_resumable_from_a_position():
   tokens = np.arange(1000, dtype=np.uint16)
   a = data_lib.BatchStream(tokens, 4, 16, seed=3)
