@@ -60,7 +60,8 @@ def plan_recall(stats) -> float | None:
 
 def measure(model, predictor, *, cache_fraction: float, recalls, horizons, prompts, new_tokens: int,
             progress: bool = True) -> dict:
-  """Every row's decode MiB per token (mean over `prompts`), hit rate and, for plans, recall."""
+  """Every row's decode MiB per token and decode hit rate (means over `prompts`) and, for `learned`,
+  its plans' recall."""
   cfg = model.cfg
   store = ExpertStore.from_model(model)
   cache_bytes = int(cache_fraction * store.nbytes)
@@ -74,19 +75,21 @@ def measure(model, predictor, *, cache_fraction: float, recalls, horizons, promp
   rows = []
   for name, recall, horizon in tqdm(specs, desc="plans", disable=not progress):
     engine, mib, hits, found = None, [], [], []
-    for i, (prompt, (want, _)) in enumerate(zip(prompts, refs)):
+    for i, (prompt, (want, ref)) in enumerate(zip(prompts, refs)):
       if engine is None or name == "noisy_oracle":  # an oracle replays one request's routing
         strategy = (strategies.make(name, n_experts=cfg.n_experts, routing=refs[i][1].routing, recall=recall,
                                     seed=i, horizon=horizon) if name == "noisy_oracle" else
                     strategies.make(name, n_experts=cfg.n_experts, predictor=predictor))
         engine = ProgramEngine(model, cache_bytes=cache_bytes, strategy=strategy, store=store, plan_copies=False)
       tokens, stats = engine.generate(prompt, new_tokens)
-      if not np.array_equal(tokens, want):
-        raise AssertionError(f"{name} (recall {recall}, horizon {horizon}) generated other tokens than the "
-                             "all-resident run: the engine is not exact")
+      if not (np.array_equal(tokens, want) and np.array_equal(stats.logits, ref.logits)):
+        raise AssertionError(f"{name} (recall {recall}, horizon {horizon}) generated other tokens or logits "
+                             "than the all-resident run: the engine is not exact")
       engine.reset_cache()
-      mib.append(sum(stats.step_read_bytes[1:]) / (new_tokens - 1) / MIB)
-      hits.append(sum(stats.hits) / max(1, sum(stats.hits) + sum(stats.misses)))
+      read = sum(stats.step_read_bytes[1:])  # every decode miss is read in place, nothing copied
+      routed = sum(len(experts) for step in stats.routing[1:] for experts in step)
+      mib.append(read / (new_tokens - 1) / MIB)
+      hits.append(1.0 - read / store.expert_bytes / routed)
       if name == "learned":
         found.append(plan_recall(stats))
     rows.append({"name": name, "recall": recall, "horizon": horizon, "mib_per_token": float(np.mean(mib)),
@@ -100,7 +103,7 @@ def measure(model, predictor, *, cache_fraction: float, recalls, horizons, promp
 
 
 def table(res: dict) -> str:
-  lines = ["| plan | recall | horizon (steps known past the served one) | decode MiB / token | x lru | hit rate |",
+  lines = ["| plan | recall | horizon (steps known past the served one) | decode MiB / token | x lru | decode hit rate |",
            "|---|---|---|---|---|---|"]
   for r in res["rows"]:
     recall = r["plan_recall"] if r["name"] == "learned" else r["recall"]
