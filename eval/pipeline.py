@@ -432,10 +432,12 @@ def stage_strategies(s: RunSettings, model, corpus_dir, predictor, out: Path, lo
           "prefill_needed_experts": sum(len(experts) for experts in routing[p0][0])}
 
 
-def in_step_plan_s(engine: program.ProgramEngine, reps: int = 64) -> float:
+def in_step_plan_s(engine: program.ProgramEngine, reps: int = 32) -> float:
   """Device seconds a step spends planning the next one inside its program (`learned` with a lead-0
   predictor; the host's clock cannot see it): the engine's planner run `reps` times in one compiled
-  loop, each plan feeding the next, less a one-pass loop (dispatch and read), per pass."""
+  program, each plan choosing the next pass's token (so that no pass is dead code) and unrolled (a
+  device while loop would check its condition on the host every pass), less a one-pass program
+  (dispatch and read), per pass."""
   planner, leaves = engine.planner, engine.planner_leaves
   recent, planned = planner.start(1)
   start = jax.device_put(step_plan.InStepPlan(recent, planned), jax.tree.leaves(leaves)[0].sharding)
@@ -443,8 +445,11 @@ def in_step_plan_s(engine: program.ProgramEngine, reps: int = 64) -> float:
 
   @functools.partial(jax.jit, static_argnums=0)
   def loop(n, leaves, plan):
-    body = lambda i, plan: planner.next(leaves, plan, tokens, plan.recent[:, -1] + 1)
-    return jax.lax.fori_loop(0, n, body, plan)
+    def body(i, plan):  # the next token depends on the plan, so that no pass is dead code
+      token = (plan.recent[:, -1] + 1 + jnp.sum(plan.planned, dtype=jnp.int32)) % planner.predictor.pad_id
+      return planner.next(leaves, plan, tokens, token)
+
+    return jax.lax.fori_loop(0, n, body, plan, unroll=True)
 
   def timed(n):
     jax.block_until_ready(loop(n, leaves, start))  # compile
