@@ -160,9 +160,12 @@ class HostExperts:
 
   One per store and backend (`of`), so that engines on one store share its compiled steps.
   `backend`: "torch", "xla" or "auto" (None: `DEFAULT_BACKEND`); `self.backend` is the one in use.
-  `expert_workers` (torch): experts computed at once, at most torch's threads (None: that many)."""
+  `expert_workers` (torch): experts computed at once, at most torch's threads (None: that many).
+  `by_rows` (torch): each row a matrix-vector product (None: where torch's CPU has no fast bf16/f16
+  matmul of a row by a [K, N] matrix)."""
 
-  def __init__(self, store: ExpertStore, backend: str | None = None, expert_workers: int | None = None):
+  def __init__(self, store: ExpertStore, backend: str | None = None, expert_workers: int | None = None,
+               by_rows: bool | None = None):
     self.backend = resolve_backend(backend)
     cfg = store.cfg
     self.activation, self.dtype, self.d_model = cfg.activation, cfg.compute_dtype, cfg.d_model
@@ -178,18 +181,18 @@ class HostExperts:
     self._cpu = jax.devices("cpu")[0]
     self.threads: int | None = None  # torch's intra-op threads (None: XLA's own pool)
     if self.backend == "torch":
-      self._init_torch(expert_workers)
+      self._init_torch(expert_workers, by_rows)
     self.handle = Handle(next(_KEYS))
     _LIVE[self.handle.key] = self
 
-  def _init_torch(self, expert_workers: int | None):
+  def _init_torch(self, expert_workers: int | None, by_rows: bool | None):
     torch = _torch()
     self._tdtype = _torch_dtype(self.dtype)
     # tensors over the same bytes as the CPU arrays, which keep the pinned memory alive
     self._tensors = [[{name: _torch_view(view) for name, view in mats.items()} for mats in layer]
                      for layer in self._mats]
     self._convert = self._tensors[0][0]["w_down"].dtype != self._tdtype  # cast per call, as on the device
-    self._by_rows = not _has_fast_reduced_matmul(self._tdtype)
+    self._by_rows = not _has_fast_reduced_matmul(self._tdtype) if by_rows is None else by_rows
     self.threads = torch.get_num_threads()
     # experts computed at once, each on its share of the threads (1: one after another on all of them)
     self.expert_workers = self.threads if expert_workers is None else max(1, min(expert_workers, self.threads))

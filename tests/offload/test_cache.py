@@ -173,7 +173,7 @@ def test_deferred_prefetches_are_issued_as_one_batch(table):
     assert with_prefetcher.prefetch([(0, 1), (1, 3)]) == 2
     demand = with_prefetcher.copy([(0, 2)], "demand")  # issued now, held or not
     assert demand[0][1].issue_s > 0
-    held = [cache._in_flight[key].record for key in [(0, 1), (1, 3)]]
+    held = [cache.holders(layer, [e])[e].record for layer, e in [(0, 1), (1, 3)]]
     before = time.perf_counter()
     assert all(r.issue_s < before for r in held)  # planned, not yet issued
     with_prefetcher.issue_deferred()

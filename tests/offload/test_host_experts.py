@@ -137,9 +137,7 @@ def test_reduced_precision_is_close_to_f32(activation, dtype, param_dtype, backe
   cfg = dataclasses.replace(config.tiny(), activation=activation, dtype=dtype, param_dtype=param_dtype,
                             kernel_impl="xla")
   model = model_lib.create(cfg, seed=1)
-  host = HostExperts(ExpertStore.from_model(model), backend)
-  if by_rows is not None:
-    host._by_rows = by_rows
+  host = HostExperts(ExpertStore.from_model(model), backend, by_rows=by_rows)
   eps = float(jnp.finfo(cfg.compute_dtype).eps)
   for seed, rows in enumerate((1, 3, 8)):
     h, experts, weights = _random_case(cfg, rows, seed)
